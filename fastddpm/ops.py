@@ -1,0 +1,384 @@
+"""Public per-step ops: argument checks, then dispatch to the Triton kernels or the reference.
+
+Backends: ``auto`` (CUDA tensors in float32/float16/bfloat16 go to the kernels, everything else
+to the reference), ``reference``, ``triton`` (kernels, CUDA tensors only) and ``interpret``
+(kernels through Triton's interpreter, CPU tensors: for tests). Choose per call with
+``backend=`` or for the process with the ``FASTDDPM_BACKEND`` environment variable.
+
+Every check runs before anything is launched or written. Values of ``t`` held in CUDA tensors
+are not range-checked (that would synchronise with the device); the kernels clamp them.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple, Union
+
+import torch
+
+from . import reference
+from .reference import LEARNED_VARIANCE_TYPES, PREDICTION_TYPES, VARIANCE_TYPES
+from .schedule import NoiseSchedule
+
+__all__ = ["BACKENDS", "KERNEL_DTYPES", "q_sample", "ddpm_step", "ddim_step", "timestep_embedding",
+           "resolve_backend", "triton_available"]
+
+BACKENDS = ("auto", "reference", "triton", "interpret")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+STORAGE_DTYPES = KERNEL_DTYPES + (torch.float64,)
+_kernels_module = None
+_kernels_interpreted = None
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the platform
+        return False
+    return True
+
+
+def _load_kernels(interpret: bool):
+    """Import the kernels once; the interpreter must be chosen before ``@triton.jit`` runs."""
+    global _kernels_module, _kernels_interpreted
+    if _kernels_module is None:
+        if interpret:
+            os.environ["TRITON_INTERPRET"] = "1"
+        from . import kernels
+
+        _kernels_module = kernels
+        _kernels_interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if interpret and not _kernels_interpreted:
+        raise RuntimeError("backend='interpret' needs TRITON_INTERPRET=1 set before fastddpm's kernels are "
+                           "imported; they were already compiled for the GPU in this process")
+    return _kernels_module
+
+
+def resolve_backend(backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
+    """The backend a call will use: ``reference``, ``triton`` or ``interpret``."""
+    if backend is None:
+        backend = os.environ.get("FASTDDPM_BACKEND", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        use_kernels = device.type == "cuda" and dtype in KERNEL_DTYPES and triton_available()
+        return "triton" if use_kernels else "reference"
+    if backend in ("triton", "interpret"):
+        if not triton_available():
+            raise RuntimeError(f"backend={backend!r} needs the triton package, which is not importable")
+        if dtype not in KERNEL_DTYPES:
+            raise TypeError(f"the Triton kernels store {[str(d) for d in KERNEL_DTYPES]}, got {dtype}; "
+                            "use backend='reference' for other dtypes")
+        if backend == "triton" and device.type != "cuda":
+            raise ValueError(f"backend='triton' needs CUDA tensors, got device {device}; "
+                             "use backend='interpret' to run the kernels on the CPU")
+        if backend == "interpret" and device.type != "cpu":
+            raise ValueError(f"backend='interpret' runs on CPU tensors, got device {device}")
+    return backend
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks
+# ---------------------------------------------------------------------------------------------
+def _check_floating(name: str, x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in STORAGE_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    return x
+
+
+def _check_schedule(schedule) -> NoiseSchedule:
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be a fastddpm.NoiseSchedule, got {type(schedule).__name__}")
+    return schedule
+
+
+def _check_same_device(name: str, x: torch.Tensor, ref: torch.Tensor, ref_name: str) -> None:
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; they must share a device")
+
+
+def _check_t(t, batch: Optional[int], num_timesteps: int, device: torch.device) -> torch.Tensor:
+    """``t`` as an int64 tensor on ``device``, shape [] or [batch]."""
+    if isinstance(t, bool) or not isinstance(t, (int, torch.Tensor)) and not hasattr(t, "__index__"):
+        raise TypeError(f"t must be an int or an integer tensor, got {type(t).__name__}")
+    if not isinstance(t, torch.Tensor):
+        t = int(t)
+        if not 0 <= t < num_timesteps:
+            raise ValueError(f"t must lie in [0, {num_timesteps - 1}] (the schedule's indices), got {t}")
+        return torch.tensor(t, dtype=torch.int64, device=device)
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"t must be an integer tensor, got dtype {t.dtype}")
+    if t.ndim > 1 or (t.ndim == 1 and batch is not None and t.shape[0] != batch):
+        raise ValueError(f"t must be a scalar or have shape [{batch}] (one index per sample), got shape {tuple(t.shape)}")
+    if t.device.type == "cpu" and t.numel() > 0:
+        low, high = int(t.min()), int(t.max())
+        if low < 0 or high >= num_timesteps:
+            raise ValueError(f"t must lie in [0, {num_timesteps - 1}] (the schedule's indices), got values in [{low}, {high}]")
+    return t.to(device=device, dtype=torch.int64).contiguous()
+
+
+def _check_noise(noise, x: torch.Tensor, seed, noise_offset, *, needed: bool = True):
+    if noise is not None:
+        _check_floating("noise", noise)
+        if noise.shape != x.shape:
+            raise ValueError(f"noise must have the shape of the sample {tuple(x.shape)}, got {tuple(noise.shape)}")
+        _check_same_device("noise", noise, x, "the sample")
+        return
+    if not needed:
+        return
+    if seed is None:
+        raise ValueError("give either noise (a tensor) or seed (an int or int64 tensor) for the step's noise")
+    for name, value, limit in (("seed", seed, 2**63), ("noise_offset", noise_offset, 2**32)):
+        if isinstance(value, torch.Tensor):
+            if value.dtype != torch.int64 or value.numel() != 1:
+                raise TypeError(f"{name} as a tensor must be a single int64 value, got dtype {value.dtype}, shape {tuple(value.shape)}")
+            if value.device.type == "cpu" and not 0 <= int(value) < limit:
+                raise ValueError(f"{name} must lie in [0, {limit}), got {int(value)}")
+        elif isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int or an int64 tensor, got {type(value).__name__}")
+        elif not 0 <= value < limit:
+            raise ValueError(f"{name} must lie in [0, {limit}), got {value}")
+    if x.numel() >= 2**32:
+        raise ValueError(f"in-kernel noise covers at most 2**32 - 1 elements a call, got {x.numel()}; pass noise")
+
+
+def _scalar_on(value, device: torch.device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device).reshape(())
+    return torch.tensor(value, dtype=torch.int64, device=device)
+
+
+def _check_out(name: str, out, like: torch.Tensor):
+    if out is None:
+        return
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(out).__name__}")
+    if out.shape != like.shape or out.dtype != like.dtype or out.device != like.device:
+        raise ValueError(f"{name} must match the sample: shape {tuple(like.shape)}, {like.dtype}, {like.device}; "
+                         f"got shape {tuple(out.shape)}, {out.dtype}, {out.device}")
+
+
+def _write(out: Optional[torch.Tensor], value: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return value
+    out.copy_(value)
+    return out
+
+
+def _kernel_target(out: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Where a kernel may write directly: ``out`` if contiguous, else a fresh buffer."""
+    if out is not None and out.is_contiguous():
+        return out
+    return torch.empty_like(like, memory_format=torch.contiguous_format)
+
+
+# ---------------------------------------------------------------------------------------------
+# ops
+# ---------------------------------------------------------------------------------------------
+def q_sample(
+    x0: torch.Tensor,
+    t,
+    schedule: NoiseSchedule,
+    noise: Optional[torch.Tensor] = None,
+    *,
+    seed=None,
+    noise_offset=0,
+    return_noise: bool = False,
+    out: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+):
+    """Sample q(x_t | x_0): ``sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps``.
+
+    ``t`` is an int or an integer tensor of shape [] or [B] (indices into ``schedule``).
+    ``eps`` is ``noise`` if given, else drawn in-kernel from ``seed``/``noise_offset`` (the
+    Philox stream of :func:`fastddpm.reference.philox_randn`). Returns x_t, or (x_t, eps) with
+    ``return_noise=True``.
+    """
+    _check_floating("x0", x0)
+    schedule = _check_schedule(schedule)
+    if x0.ndim == 0:
+        raise ValueError("x0 must have a batch dimension (shape [B, ...])")
+    t = _check_t(t, x0.shape[0], schedule.num_timesteps, x0.device)
+    _check_noise(noise, x0, seed, noise_offset)
+    _check_out("out", out, x0)
+    chosen = resolve_backend(backend, x0.device, x0.dtype)
+    if chosen == "reference":
+        x_t, eps = reference.q_sample(x0, t, schedule, noise, seed=seed, noise_offset=noise_offset)
+        x_t = _write(out, x_t)
+        return (x_t, eps) if return_noise else x_t
+    kernels = _load_kernels(chosen == "interpret")
+    target = _kernel_target(out, x0)
+    noise_out = torch.empty_like(target) if return_noise and noise is None else None
+    kernels.q_sample(
+        x0.contiguous(), t, schedule.table(x0.device, torch.float32),
+        noise=noise.contiguous() if noise is not None else None,
+        seed=_scalar_on(seed, x0.device) if noise is None else None,
+        noise_offset=_scalar_on(noise_offset, x0.device) if noise is None else None,
+        out=target, noise_out=noise_out,
+    )
+    x_t = target if target is out or out is None else _write(out, target)
+    if return_noise:
+        return x_t, noise if noise is not None else noise_out
+    return x_t
+
+
+def _check_step_args(model_output, t, x_t, schedule, prediction_type, variance_type, clip_range):
+    _check_floating("x_t", x_t)
+    _check_floating("model_output", model_output)
+    schedule = _check_schedule(schedule)
+    if x_t.ndim < 1:
+        raise ValueError("x_t must have a batch dimension (shape [B, ...])")
+    _check_same_device("model_output", model_output, x_t, "x_t")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    if variance_type not in VARIANCE_TYPES:
+        raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
+    if variance_type in LEARNED_VARIANCE_TYPES:
+        expected = (x_t.shape[0], 2 * x_t.shape[1]) + tuple(x_t.shape[2:]) if x_t.ndim >= 2 else None
+        if expected is None or tuple(model_output.shape) != expected:
+            raise ValueError(f"with variance_type={variance_type!r} model_output must have twice the channels of "
+                             f"x_t (dim 1): expected {expected}, got {tuple(model_output.shape)}")
+    elif model_output.shape != x_t.shape:
+        raise ValueError(f"model_output must have the shape of x_t {tuple(x_t.shape)}, got {tuple(model_output.shape)}")
+    if clip_range is not None and not clip_range > 0:
+        raise ValueError(f"clip_range must be > 0, got {clip_range}")
+    return schedule, _check_t(t, x_t.shape[0], schedule.num_timesteps, x_t.device)
+
+
+def _step(sampler, model_output, t, x_t, schedule, *, prediction_type, variance_type, clip_denoised, clip_range,
+          eta, noise, seed, noise_offset, out, pred_x0_out, return_pred_x0, backend):
+    schedule, t_index = _check_step_args(model_output, t, x_t, schedule, prediction_type, variance_type, clip_range)
+    needs_noise = sampler == "ddpm" or eta > 0
+    _check_noise(noise, x_t, seed, noise_offset, needed=needs_noise)
+    _check_out("out", out, x_t)
+    _check_out("pred_x0_out", pred_x0_out, x_t)
+    chosen = resolve_backend(backend, x_t.device, x_t.dtype)
+    clip = clip_range if clip_denoised else None
+    if chosen == "reference":
+        common = dict(prediction_type=prediction_type, clip_denoised=clip_denoised, clip_range=clip_range,
+                      noise=noise, seed=seed, noise_offset=noise_offset)
+        if sampler == "ddpm":
+            x_prev, x0 = reference.ddpm_step(model_output, t_index, x_t, schedule, variance_type=variance_type, **common)
+        else:
+            x_prev, x0 = reference.ddim_step(model_output, t_index, x_t, schedule, eta=eta, **common)
+        x_prev = _write(out, x_prev)
+        x0 = _write(pred_x0_out, x0)
+        return (x_prev, x0) if return_pred_x0 or pred_x0_out is not None else (x_prev, None)
+    kernels = _load_kernels(chosen == "interpret")
+    target = _kernel_target(out, x_t)
+    x0_target = None
+    if return_pred_x0 or pred_x0_out is not None:
+        x0_target = _kernel_target(pred_x0_out, x_t)
+    kernels.reverse_step(
+        model_output.contiguous(), t_index, x_t.contiguous(), schedule.table(x_t.device, torch.float32),
+        sampler=sampler, prediction_type=prediction_type, variance_type=variance_type, clip_range=clip, eta=eta,
+        noise=noise.contiguous() if (noise is not None and needs_noise) else None,
+        seed=_scalar_on(seed, x_t.device) if (noise is None and needs_noise) else None,
+        noise_offset=_scalar_on(noise_offset, x_t.device) if (noise is None and needs_noise) else None,
+        out=target, pred_x0_out=x0_target,
+    )
+    if out is not None and target is not out:
+        out.copy_(target)
+        target = out
+    if pred_x0_out is not None and x0_target is not pred_x0_out:
+        pred_x0_out.copy_(x0_target)
+        x0_target = pred_x0_out
+    return target, x0_target
+
+
+def ddpm_step(
+    model_output: torch.Tensor,
+    t,
+    x_t: torch.Tensor,
+    schedule: NoiseSchedule,
+    *,
+    prediction_type: str = "epsilon",
+    variance_type: str = "fixed_small",
+    clip_denoised: bool = True,
+    clip_range: float = 1.0,
+    noise: Optional[torch.Tensor] = None,
+    seed=None,
+    noise_offset=0,
+    out: Optional[torch.Tensor] = None,
+    pred_x0_out: Optional[torch.Tensor] = None,
+    return_pred_x0: bool = True,
+    backend: Optional[str] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One DDPM reverse step x_t -> x_{t-1}; returns (x_{t-1}, predicted x_0 or None).
+
+    ``t`` indexes ``schedule`` (a full or respaced schedule), int or integer tensor [] / [B].
+    ``model_output`` is the model's epsilon / x_0 / v prediction, with the variance channels
+    appended along dim 1 for ``learned`` / ``learned_range``. Noise is ``noise`` if given (e.g.
+    drawn from a torch.Generator), else the in-kernel Philox stream of ``seed`` at
+    ``noise_offset``; none is added where t == 0. ``out=x_t`` updates in place. With
+    ``return_pred_x0=False`` the kernel does not write x_0 (less memory traffic).
+    """
+    return _step("ddpm", model_output, t, x_t, schedule, prediction_type=prediction_type, variance_type=variance_type,
+                 clip_denoised=clip_denoised, clip_range=clip_range, eta=0.0, noise=noise, seed=seed,
+                 noise_offset=noise_offset, out=out, pred_x0_out=pred_x0_out, return_pred_x0=return_pred_x0,
+                 backend=backend)
+
+
+def ddim_step(
+    model_output: torch.Tensor,
+    t,
+    x_t: torch.Tensor,
+    schedule: NoiseSchedule,
+    *,
+    eta: float = 0.0,
+    prediction_type: str = "epsilon",
+    clip_denoised: bool = True,
+    clip_range: float = 1.0,
+    noise: Optional[torch.Tensor] = None,
+    seed=None,
+    noise_offset=0,
+    out: Optional[torch.Tensor] = None,
+    pred_x0_out: Optional[torch.Tensor] = None,
+    return_pred_x0: bool = True,
+    backend: Optional[str] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One DDIM step from index t to t-1 of a (usually respaced) schedule; returns
+    (x_{t-1}, predicted x_0 or None). ``eta=0`` is deterministic; ``eta=1`` has DDPM's
+    posterior variance. Other arguments as in :func:`ddpm_step`."""
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
+        raise ValueError(f"eta must be a float >= 0, got {eta!r}")
+    return _step("ddim", model_output, t, x_t, schedule, prediction_type=prediction_type, variance_type="fixed_small",
+                 clip_denoised=clip_denoised, clip_range=clip_range, eta=float(eta), noise=noise, seed=seed,
+                 noise_offset=noise_offset, out=out, pred_x0_out=pred_x0_out, return_pred_x0=return_pred_x0,
+                 backend=backend)
+
+
+def timestep_embedding(
+    t: Union[torch.Tensor, int],
+    dim: int,
+    *,
+    max_period: float = 10000.0,
+    flip_sin_to_cos: bool = False,
+    downscale_freq_shift: float = 1.0,
+    scale: float = 1.0,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Sinusoidal time embedding, float32 [len(t), dim]; see
+    :func:`fastddpm.reference.timestep_embedding` for the formula and its options."""
+    if isinstance(t, bool) or not isinstance(t, (int, torch.Tensor)):
+        raise TypeError(f"t must be an int or a 1-D tensor of timesteps, got {type(t).__name__}")
+    if not isinstance(t, torch.Tensor):
+        t = torch.tensor([t])
+    if t.ndim > 1:
+        raise ValueError(f"t must be a scalar or 1-D tensor of timesteps, got shape {tuple(t.shape)}")
+    if t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"t must hold real numbers, got dtype {t.dtype}")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2:
+        raise ValueError(f"dim must be an int >= 2, got {dim!r}")
+    if not max_period > 1:
+        raise ValueError(f"max_period must be > 1, got {max_period}")
+    if dim // 2 - downscale_freq_shift == 0:
+        raise ValueError(f"dim // 2 - downscale_freq_shift must not be 0 (dim={dim}, shift={downscale_freq_shift})")
+    t = t.reshape(-1)
+    chosen = resolve_backend(backend, t.device, torch.float32)
+    options = dict(max_period=max_period, flip_sin_to_cos=flip_sin_to_cos,
+                   downscale_freq_shift=downscale_freq_shift, scale=scale)
+    if chosen == "reference":
+        return reference.timestep_embedding(t, dim, **options)
+    return _load_kernels(chosen == "interpret").timestep_embedding(t.contiguous(), dim, **options)

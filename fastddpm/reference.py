@@ -1,0 +1,324 @@
+"""Pure-PyTorch reference of every per-step op: the oracle the Triton kernels are tested against,
+and the path every CPU tensor takes.
+
+Math runs in float64 for float64 inputs and in float32 otherwise (as the kernels do); results are
+cast back to the storage dtype of ``x_t`` / ``x0``. Indices ``t`` are indices into ``schedule``
+(``schedule.timesteps[t]`` is what the model sees).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+
+from .schedule import NoiseSchedule
+
+__all__ = [
+    "PREDICTION_TYPES",
+    "VARIANCE_TYPES",
+    "philox4x32",
+    "philox_randn",
+    "q_sample",
+    "predict_x0",
+    "ddpm_step",
+    "ddim_step",
+    "timestep_embedding",
+]
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+# fixed_small: posterior variance beta~_t; fixed_small_log: the same through its clipped log;
+# fixed_large: beta_t; learned: the model outputs log-variance; learned_range: the model outputs
+# v in [-1, 1] interpolating log beta~_t .. log beta_t (Nichol & Dhariwal).
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
+LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
+
+# ---------------------------------------------------------------------------------------------
+# Philox4x32-10 + Box-Muller, bit-compatible with triton.language.randn
+# ---------------------------------------------------------------------------------------------
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+_MASK32 = 0xFFFFFFFF
+# Triton's uint -> [0, 1) scale for 32-bit draws: the largest value with MAX_INT * scale < 1.
+_UINT32_TO_UNIFORM = 4.6566127342e-10
+
+
+def philox4x32(c0, c1, c2, c3, k0, k1, rounds: int = 10):
+    """Philox4x32 on int64 tensors holding uint32 values. Returns the four output words.
+
+    int64 multiplication wraps modulo 2**64, and a 32x32-bit product fits in 64 bits, so the
+    high and low halves come out exact after masking.
+    """
+    k0 = torch.as_tensor(k0, dtype=torch.int64)
+    k1 = torch.as_tensor(k1, dtype=torch.int64)
+    for _ in range(rounds):
+        prod_b = c2 * _PHILOX_ROUND_B
+        prod_a = c0 * _PHILOX_ROUND_A
+        c0, c1, c2, c3 = (
+            ((prod_b >> 32) & _MASK32) ^ c1 ^ k0,
+            prod_b & _MASK32,
+            ((prod_a >> 32) & _MASK32) ^ c3 ^ k1,
+            prod_a & _MASK32,
+        )
+        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def _uint32_to_uniform(x: torch.Tensor) -> torch.Tensor:
+    signed = torch.where(x >= 2**31, x - 2**32, x)  # reinterpret as int32
+    folded = torch.where(signed < 0, -signed - 1, signed)  # ~x for negatives
+    return folded.to(torch.float32) * torch.tensor(_UINT32_TO_UNIFORM, dtype=torch.float32)
+
+
+def _seed_words(seed: int) -> Tuple[int, int]:
+    seed = int(seed)
+    if not (0 <= seed < 2**63):
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed}")
+    return seed & _MASK32, (seed >> 32) & _MASK32
+
+
+def philox_randn(
+    shape,
+    seed: int,
+    noise_offset: int = 0,
+    *,
+    device: Union[str, torch.device] = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Standard normals identical to what the kernels draw.
+
+    Element ``i`` (row-major flat index) is Philox4x32-10 keyed by the 64-bit ``seed`` on the
+    counter ``(i, noise_offset, 0, 0)``, whose first two words go through Triton's uniform map and
+    the cosine branch of Box-Muller. With ``noise_offset=0`` this is exactly
+    ``tl.randn(seed, i)``; every sampling step uses its own ``noise_offset`` so no two steps share
+    a stream.
+    """
+    shape = tuple(shape)
+    numel = math.prod(shape)
+    if numel >= 2**32:
+        raise ValueError(f"philox_randn draws at most 2**32 - 1 values per call, got {numel}")
+    noise_offset = int(noise_offset)
+    if not (0 <= noise_offset < 2**32):
+        raise ValueError(f"noise_offset must be an int in [0, 2**32), got {noise_offset}")
+    k0, k1 = _seed_words(seed)
+    counter = torch.arange(numel, dtype=torch.int64, device=device)
+    zero = torch.zeros_like(counter)
+    w0, w1, _, _ = philox4x32(counter, zero + noise_offset, zero, zero, k0, k1)
+    u1 = _uint32_to_uniform(w0).clamp_min(1.0e-7)
+    u2 = _uint32_to_uniform(w1)
+    theta = torch.tensor(6.283185307179586, dtype=torch.float32) * u2
+    radius = torch.sqrt(-2.0 * torch.log(u1))
+    return (radius * torch.cos(theta)).reshape(shape).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _gather(schedule: NoiseSchedule, name: str, t, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Coefficient ``name`` at index ``t`` (int or [B]/[] tensor), shaped to broadcast against x."""
+    row = schedule.coefficient(name, x.device, dtype)
+    if isinstance(t, torch.Tensor):
+        t = t.to(device=x.device, dtype=torch.int64)
+        if t.ndim == 0:
+            return row[t]
+        return row[t].reshape((-1,) + (1,) * (x.ndim - 1))
+    return row[int(t)]
+
+
+def _t_positive(t, x: torch.Tensor) -> Union[bool, torch.Tensor]:
+    if isinstance(t, torch.Tensor):
+        t = t.to(device=x.device)
+        mask = (t > 0).to(_compute_dtype(x))
+        return mask if t.ndim == 0 else mask.reshape((-1,) + (1,) * (x.ndim - 1))
+    return float(int(t) > 0)
+
+
+def _noise_like(x: torch.Tensor, noise: Optional[torch.Tensor], seed, noise_offset, dtype) -> torch.Tensor:
+    if noise is not None:
+        return noise.to(dtype)
+    if seed is None:
+        raise ValueError("either noise or seed must be given")
+    if isinstance(seed, torch.Tensor):
+        seed = int(seed)
+    if isinstance(noise_offset, torch.Tensor):
+        noise_offset = int(noise_offset)
+    return philox_randn(x.shape, seed, noise_offset, device=x.device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# forward process
+# ---------------------------------------------------------------------------------------------
+def q_sample(
+    x0: torch.Tensor,
+    t,
+    schedule: NoiseSchedule,
+    noise: Optional[torch.Tensor] = None,
+    *,
+    seed=None,
+    noise_offset=0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps. Returns (x_t, eps)."""
+    dtype = _compute_dtype(x0)
+    eps = _noise_like(x0, noise, seed, noise_offset, dtype)
+    x_t = _gather(schedule, "sqrt_alphas_cumprod", t, x0, dtype) * x0.to(dtype) + _gather(
+        schedule, "sqrt_one_minus_alphas_cumprod", t, x0, dtype
+    ) * eps
+    return x_t.to(x0.dtype), eps.to(x0.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# reverse process
+# ---------------------------------------------------------------------------------------------
+def _split_model_output(model_output: torch.Tensor, x_t: torch.Tensor, variance_type: str):
+    if variance_type in LEARNED_VARIANCE_TYPES:
+        channels = x_t.shape[1]
+        return model_output[:, :channels], model_output[:, channels:]
+    return model_output, None
+
+
+def predict_x0(model_output, t, x_t, schedule, prediction_type="epsilon", clip_range: Optional[float] = 1.0):
+    """x_0 from the model's prediction (in the compute dtype), clipped to [-clip_range, clip_range]."""
+    dtype = _compute_dtype(x_t)
+    out, x = model_output.to(dtype), x_t.to(dtype)
+    if prediction_type == "epsilon":
+        x0 = _gather(schedule, "sqrt_recip_alphas_cumprod", t, x, dtype) * x - _gather(
+            schedule, "sqrt_recipm1_alphas_cumprod", t, x, dtype) * out
+    elif prediction_type == "sample":
+        x0 = out
+    elif prediction_type == "v_prediction":
+        x0 = _gather(schedule, "sqrt_alphas_cumprod", t, x, dtype) * x - _gather(
+            schedule, "sqrt_one_minus_alphas_cumprod", t, x, dtype) * out
+    else:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    if clip_range is not None:
+        x0 = x0.clamp(-clip_range, clip_range)
+    return x0
+
+
+def ddpm_std(t, x_t, schedule, variance_type="fixed_small", variance_values: Optional[torch.Tensor] = None):
+    """Standard deviation sigma_t of the reverse step p(x_{t-1} | x_t)."""
+    dtype = _compute_dtype(x_t)
+    if variance_type == "fixed_small":
+        return _gather(schedule, "posterior_variance", t, x_t, dtype).sqrt()
+    if variance_type == "fixed_small_log":
+        return torch.exp(0.5 * _gather(schedule, "posterior_log_variance_clipped", t, x_t, dtype))
+    if variance_type == "fixed_large":
+        return torch.exp(0.5 * _gather(schedule, "log_betas", t, x_t, dtype))
+    if variance_type == "learned":
+        return torch.exp(0.5 * variance_values.to(dtype))
+    if variance_type == "learned_range":
+        min_log = _gather(schedule, "posterior_log_variance_clipped", t, x_t, dtype)
+        max_log = _gather(schedule, "log_betas", t, x_t, dtype)
+        frac = (variance_values.to(dtype) + 1.0) / 2.0
+        return torch.exp(0.5 * (frac * max_log + (1.0 - frac) * min_log))
+    raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
+
+
+def ddpm_step(
+    model_output: torch.Tensor,
+    t,
+    x_t: torch.Tensor,
+    schedule: NoiseSchedule,
+    *,
+    prediction_type: str = "epsilon",
+    variance_type: str = "fixed_small",
+    clip_denoised: bool = True,
+    clip_range: float = 1.0,
+    noise: Optional[torch.Tensor] = None,
+    seed=None,
+    noise_offset=0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One ancestral step x_t -> x_{t-1} through the posterior with the predicted x_0.
+
+    Returns (x_{t-1}, predicted x_0). No noise is added where t == 0.
+    """
+    dtype = _compute_dtype(x_t)
+    out, var_values = _split_model_output(model_output, x_t, variance_type)
+    x0 = predict_x0(out, t, x_t, schedule, prediction_type, clip_range if clip_denoised else None)
+    mean = _gather(schedule, "posterior_mean_coef1", t, x_t, dtype) * x0 + _gather(
+        schedule, "posterior_mean_coef2", t, x_t, dtype) * x_t.to(dtype)
+    std = ddpm_std(t, x_t, schedule, variance_type, var_values)
+    z = _noise_like(x_t, noise, seed, noise_offset, dtype)
+    x_prev = mean + _t_positive(t, x_t) * std * z
+    return x_prev.to(x_t.dtype), x0.to(x_t.dtype)
+
+
+def ddim_step(
+    model_output: torch.Tensor,
+    t,
+    x_t: torch.Tensor,
+    schedule: NoiseSchedule,
+    *,
+    eta: float = 0.0,
+    prediction_type: str = "epsilon",
+    clip_denoised: bool = True,
+    clip_range: float = 1.0,
+    noise: Optional[torch.Tensor] = None,
+    seed=None,
+    noise_offset=0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step (Song et al. eq. 12) from index t to t-1 of a (respaced) schedule.
+
+    eps is the model's own prediction (converted for ``sample``/``v_prediction``), as in
+    diffusers' DDIMScheduler with ``use_clipped_model_output=False``;
+    sigma_t = eta * sqrt(posterior variance). Returns (x_{t-1}, predicted x_0).
+    """
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    dtype = _compute_dtype(x_t)
+    x, out = x_t.to(dtype), model_output.to(dtype)
+    sqrt_ab = _gather(schedule, "sqrt_alphas_cumprod", t, x, dtype)
+    sqrt_1m_ab = _gather(schedule, "sqrt_one_minus_alphas_cumprod", t, x, dtype)
+    if prediction_type == "epsilon":
+        eps = out
+    elif prediction_type == "sample":
+        eps = (x - sqrt_ab * out) / sqrt_1m_ab
+    elif prediction_type == "v_prediction":
+        eps = sqrt_ab * out + sqrt_1m_ab * x
+    else:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    x0 = predict_x0(out, t, x, schedule, prediction_type, clip_range if clip_denoised else None)
+    std = eta * _gather(schedule, "posterior_variance", t, x, dtype).sqrt()
+    direction = (_gather(schedule, "one_minus_alphas_cumprod_prev", t, x, dtype) - std * std).clamp_min(0.0).sqrt()
+    x_prev = _gather(schedule, "sqrt_alphas_cumprod_prev", t, x, dtype) * x0 + direction * eps
+    if eta > 0:
+        x_prev = x_prev + std * _noise_like(x_t, noise, seed, noise_offset, dtype)
+    return x_prev.to(x_t.dtype), x0.to(x_t.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# time embedding
+# ---------------------------------------------------------------------------------------------
+def timestep_embedding(
+    t: torch.Tensor,
+    dim: int,
+    *,
+    max_period: float = 10000.0,
+    flip_sin_to_cos: bool = False,
+    downscale_freq_shift: float = 1.0,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """Sinusoidal embedding [len(t), dim] in float32.
+
+    freq_k = exp(-ln(max_period) * k / (dim//2 - downscale_freq_shift)), k < dim//2, output
+    [sin(scale t freq), cos(scale t freq)] (cos first with ``flip_sin_to_cos``), zero-padded to an
+    odd ``dim``. The defaults are the original DDPM code (and diffusers' get_timestep_embedding);
+    improved-diffusion's is ``flip_sin_to_cos=True, downscale_freq_shift=0``.
+    """
+    half = dim // 2
+    t = t.reshape(-1)
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(exponent / (half - downscale_freq_shift))
+    args = scale * (t.to(torch.float32)[:, None] * freqs[None, :])
+    first, second = (torch.cos(args), torch.sin(args)) if flip_sin_to_cos else (torch.sin(args), torch.cos(args))
+    emb = torch.cat([first, second], dim=-1)
+    if dim % 2:
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb

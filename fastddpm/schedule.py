@@ -1,0 +1,243 @@
+"""Noise schedules: betas and every table derived from them, computed once in float64.
+
+Every code path (reference math, Triton kernels, schedulers, training, evaluation) reads its
+coefficients from a :class:`NoiseSchedule`; nothing recomputes them elsewhere.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+
+__all__ = ["NoiseSchedule", "make_betas", "BETA_SCHEDULES", "TABLE_ROWS", "table_row"]
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "quadratic", "cosine", "squaredcos_cap_v2", "sigmoid")
+
+# Rows of the packed per-timestep table that kernels gather from (one row per coefficient).
+TABLE_ROWS = (
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "log_betas",
+    "sqrt_alphas_cumprod_prev",
+    "one_minus_alphas_cumprod_prev",
+)
+
+
+def table_row(name: str) -> int:
+    """Index of a coefficient in the packed table returned by :meth:`NoiseSchedule.table`."""
+    return TABLE_ROWS.index(name)
+
+
+def _betas_for_alpha_bar(num_timesteps: int, alpha_bar, max_beta: float) -> torch.Tensor:
+    steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+    ab = alpha_bar(steps)
+    betas = 1.0 - ab[1:] / ab[:-1]
+    return betas.clamp(max=max_beta)
+
+
+def make_betas(
+    name: str,
+    num_timesteps: int = 1000,
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+    *,
+    cosine_s: float = 0.008,
+    max_beta: float = 0.999,
+) -> torch.Tensor:
+    """Betas (float64) of a named schedule.
+
+    ``linear`` is the DDPM paper's default (1e-4 to 0.02 over T=1000); ``scaled_linear`` (alias
+    ``quadratic``) is linear in sqrt(beta); ``cosine`` (alias diffusers' ``squaredcos_cap_v2``) is
+    Nichol & Dhariwal's alpha_bar(t) = cos^2((t/T + s)/(1 + s) * pi/2) with betas capped at
+    ``max_beta``; ``sigmoid`` follows GeoDiff / diffusers (sigmoid of linspace(-6, 6)).
+    """
+    if not isinstance(num_timesteps, int) or num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be a positive int, got {num_timesteps!r}")
+    if name == "linear":
+        betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+    elif name in ("scaled_linear", "quadratic"):
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
+    elif name in ("cosine", "squaredcos_cap_v2"):
+        betas = _betas_for_alpha_bar(
+            num_timesteps,
+            lambda u: torch.cos((u + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2,
+            max_beta,
+        )
+    elif name == "sigmoid":
+        ramp = torch.linspace(-6, 6, num_timesteps, dtype=torch.float64)
+        betas = torch.sigmoid(ramp) * (beta_end - beta_start) + beta_start
+    else:
+        raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {name!r}")
+    return betas
+
+
+class NoiseSchedule:
+    """A DDPM noise schedule and its derived tables (all float64, on the CPU).
+
+    ``timesteps[i]`` is the timestep of the *trained* chain that index ``i`` of this schedule
+    stands for: ``arange(T)`` for a full schedule, a subsequence after :meth:`respace`. Models
+    are called with ``timesteps[i]``; tables are indexed by ``i``.
+    """
+
+    def __init__(
+        self,
+        betas: Union[torch.Tensor, Sequence[float]],
+        timesteps: Optional[Union[torch.Tensor, Sequence[int]]] = None,
+        *,
+        final_alpha_cumprod: float = 1.0,
+    ):
+        betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu().clone()
+        if betas.ndim != 1 or betas.numel() < 1:
+            raise ValueError(f"betas must be a non-empty 1-D sequence, got shape {tuple(betas.shape)}")
+        if not torch.isfinite(betas).all() or (betas <= 0).any() or (betas > 1).any():
+            raise ValueError("betas must all lie in (0, 1]")
+        num_timesteps = betas.numel()
+        if timesteps is None:
+            timesteps = torch.arange(num_timesteps, dtype=torch.int64)
+        timesteps = torch.as_tensor(timesteps, dtype=torch.int64).detach().cpu().clone()
+        if timesteps.shape != betas.shape:
+            raise ValueError(
+                f"timesteps must have one entry per beta ({num_timesteps}), got shape {tuple(timesteps.shape)}"
+            )
+        if not (0.0 < final_alpha_cumprod <= 1.0):
+            raise ValueError(f"final_alpha_cumprod must lie in (0, 1], got {final_alpha_cumprod}")
+        self.num_timesteps = num_timesteps
+        self.timesteps = timesteps
+        self.final_alpha_cumprod = float(final_alpha_cumprod)
+
+        self.betas = betas
+        self.alphas = 1.0 - betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        # alpha_bar_{t-1}; at the first index this is the "previous" of x_0 (1 for DDPM; DDIM
+        # schedulers may set it to alphas_cumprod[0] through final_alpha_cumprod).
+        self.alphas_cumprod_prev = torch.cat(
+            [torch.tensor([self.final_alpha_cumprod], dtype=torch.float64), self.alphas_cumprod[:-1]]
+        )
+        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
+        self.log_one_minus_alphas_cumprod = torch.log1p(-self.alphas_cumprod)
+        self.sqrt_recip_alphas_cumprod = (1.0 / self.alphas_cumprod).sqrt()
+        self.sqrt_recipm1_alphas_cumprod = (1.0 / self.alphas_cumprod - 1.0).sqrt()
+        self.sqrt_alphas_cumprod_prev = self.alphas_cumprod_prev.sqrt()
+        self.one_minus_alphas_cumprod_prev = 1.0 - self.alphas_cumprod_prev
+        self.sqrt_recip_alphas = (1.0 / self.alphas).sqrt()
+        self.log_betas = betas.log()
+
+        # Posterior q(x_{t-1} | x_t, x_0) = N(coef1 * x_0 + coef2 * x_t, posterior_variance).
+        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        # The variance is 0 at the first index; its log is clipped to the next value (as in the
+        # original DDPM code) so that learned_range interpolation and the bound stay finite.
+        clip_from = self.posterior_variance[1] if num_timesteps > 1 else self.betas[0]
+        self.posterior_log_variance_clipped = torch.log(
+            torch.cat([clip_from.reshape(1), self.posterior_variance[1:]])
+        )
+        self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1.0 - self.alphas_cumprod)
+
+        self._device_cache: Dict[Tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_name(
+        cls,
+        name: str = "linear",
+        num_timesteps: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        **kwargs,
+    ) -> "NoiseSchedule":
+        return cls(make_betas(name, num_timesteps, beta_start, beta_end, **kwargs))
+
+    @classmethod
+    def linear(cls, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "NoiseSchedule":
+        return cls.from_name("linear", num_timesteps, beta_start, beta_end)
+
+    @classmethod
+    def scaled_linear(cls, num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> "NoiseSchedule":
+        return cls.from_name("scaled_linear", num_timesteps, beta_start, beta_end)
+
+    quadratic = scaled_linear
+
+    @classmethod
+    def cosine(cls, num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> "NoiseSchedule":
+        return cls(make_betas("cosine", num_timesteps, cosine_s=s, max_beta=max_beta))
+
+    @classmethod
+    def sigmoid(cls, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "NoiseSchedule":
+        return cls.from_name("sigmoid", num_timesteps, beta_start, beta_end)
+
+    # ------------------------------------------------------------------ respacing
+    def respace(self, timesteps: Union[torch.Tensor, Sequence[int]], *, final_alpha_cumprod: float = 1.0) -> "NoiseSchedule":
+        """Schedule of a subsequence of this schedule's indices (for fewer-step / DDIM sampling).
+
+        ``timesteps`` are indices into *this* schedule, any order, no repeats. The new betas
+        come from the ratio of consecutive alphas_cumprod, so that alpha_bar at every kept step
+        is unchanged; the new schedule's ``timesteps`` map back to the trained chain.
+        """
+        idx = torch.as_tensor(timesteps, dtype=torch.int64).detach().cpu().reshape(-1)
+        if idx.numel() < 1:
+            raise ValueError("timesteps must not be empty")
+        if idx.min() < 0 or idx.max() >= self.num_timesteps:
+            raise ValueError(f"timesteps must lie in [0, {self.num_timesteps - 1}], got range "
+                             f"[{int(idx.min())}, {int(idx.max())}]")
+        idx = torch.sort(idx).values
+        if (idx[1:] == idx[:-1]).any():
+            raise ValueError("timesteps must not repeat")
+        kept = self.alphas_cumprod[idx]
+        prev = torch.cat([torch.ones(1, dtype=torch.float64), kept[:-1]])
+        return NoiseSchedule(1.0 - kept / prev, self.timesteps[idx], final_alpha_cumprod=final_alpha_cumprod)
+
+    def respace_evenly(self, num_steps: int) -> "NoiseSchedule":
+        """Respace to ``num_steps`` indices spread evenly over the chain, always keeping the last."""
+        if not isinstance(num_steps, int) or not (1 <= num_steps <= self.num_timesteps):
+            raise ValueError(f"num_steps must be an int in [1, {self.num_timesteps}], got {num_steps!r}")
+        if num_steps == self.num_timesteps:
+            return self
+        idx = torch.linspace(0, self.num_timesteps - 1, num_steps, dtype=torch.float64).round().to(torch.int64)
+        return self.respace(idx)
+
+    # ------------------------------------------------------------------ device tables
+    def table(self, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Packed ``[len(TABLE_ROWS), T]`` table on ``device``, cached per (device, dtype)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        key = (device, dtype)
+        cached = self._device_cache.get(key)
+        if cached is None:
+            packed = torch.stack([getattr(self, name) for name in TABLE_ROWS])
+            cached = packed.to(device=device, dtype=dtype).contiguous()
+            self._device_cache[key] = cached
+        return cached
+
+    def coefficient(self, name: str, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """One row of :meth:`table` (a view, no copy)."""
+        return self.table(device, dtype)[table_row(name)]
+
+    def __len__(self) -> int:
+        return self.num_timesteps
+
+    def __repr__(self) -> str:
+        respaced = "" if torch.equal(self.timesteps, torch.arange(self.num_timesteps)) else ", respaced"
+        return (f"NoiseSchedule(T={self.num_timesteps}, beta[0]={self.betas[0].item():.3g}, "
+                f"beta[-1]={self.betas[-1].item():.3g}{respaced})")
+
+
+def as_schedule(schedule) -> NoiseSchedule:
+    """Accept a NoiseSchedule, a schedule name, or a sequence of betas."""
+    if schedule is None:
+        return NoiseSchedule.linear()
+    if isinstance(schedule, NoiseSchedule):
+        return schedule
+    if isinstance(schedule, str):
+        return NoiseSchedule.from_name(schedule)
+    if isinstance(schedule, (torch.Tensor, list, tuple)):
+        return NoiseSchedule(schedule)
+    raise TypeError(f"schedule must be a NoiseSchedule, a schedule name or a sequence of betas, got {type(schedule).__name__}")

@@ -1,0 +1,149 @@
+"""The fused reverse step: one pass over x_t and the model output computes x_0 (clipped), the
+posterior mean or the DDIM update, the standard deviation and the noise, and writes x_{t-1}
+(in place allowed: every element is read before it is written by the same program) and, when
+asked, x_0. DDPM and DDIM share the kernel through the ``SAMPLER`` constexpr.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from fastddpm.schedule import table_row
+
+from .noise import block_offsets, philox_normal
+
+PREDICTION_CODES = {"epsilon": 0, "sample": 1, "v_prediction": 2}
+VARIANCE_CODES = {"fixed_small": 0, "fixed_small_log": 1, "fixed_large": 2, "learned": 3, "learned_range": 4}
+SAMPLER_CODES = {"ddpm": 0, "ddim": 1}
+_ROWS = dict(
+    ROW_SQRT_AB=table_row("sqrt_alphas_cumprod"),
+    ROW_SQRT_1M_AB=table_row("sqrt_one_minus_alphas_cumprod"),
+    ROW_SQRT_RECIP_AB=table_row("sqrt_recip_alphas_cumprod"),
+    ROW_SQRT_RECIPM1_AB=table_row("sqrt_recipm1_alphas_cumprod"),
+    ROW_COEF1=table_row("posterior_mean_coef1"),
+    ROW_COEF2=table_row("posterior_mean_coef2"),
+    ROW_POST_VAR=table_row("posterior_variance"),
+    ROW_POST_LOGVAR=table_row("posterior_log_variance_clipped"),
+    ROW_LOG_BETA=table_row("log_betas"),
+    ROW_SQRT_AB_PREV=table_row("sqrt_alphas_cumprod_prev"),
+    ROW_1M_AB_PREV=table_row("one_minus_alphas_cumprod_prev"),
+)
+
+
+@triton.jit
+def _coef(table_ptr, row, num_timesteps, t):
+    return tl.load(table_ptr + row * num_timesteps + t)
+
+
+@triton.jit
+def _reverse_step_kernel(
+    x_ptr, model_out_ptr, t_ptr, table_ptr, noise_ptr, seed_ptr, noise_offset_ptr, x_prev_ptr, x0_ptr,
+    numel, per_sample, out_sample_stride, num_timesteps, clip_range, eta,
+    ROW_SQRT_AB: tl.constexpr, ROW_SQRT_1M_AB: tl.constexpr, ROW_SQRT_RECIP_AB: tl.constexpr,
+    ROW_SQRT_RECIPM1_AB: tl.constexpr, ROW_COEF1: tl.constexpr, ROW_COEF2: tl.constexpr,
+    ROW_POST_VAR: tl.constexpr, ROW_POST_LOGVAR: tl.constexpr, ROW_LOG_BETA: tl.constexpr,
+    ROW_SQRT_AB_PREV: tl.constexpr, ROW_1M_AB_PREV: tl.constexpr,
+    SAMPLER: tl.constexpr, PREDICTION: tl.constexpr, VARIANCE: tl.constexpr, CLIP: tl.constexpr,
+    ADD_NOISE: tl.constexpr, HAS_NOISE: tl.constexpr, WRITE_X0: tl.constexpr, T_PER_SAMPLE: tl.constexpr,
+    INDEX_64: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = block_offsets(BLOCK, INDEX_64)
+    mask = offs < numel
+    sample = offs // per_sample
+    if T_PER_SAMPLE:
+        t = tl.load(t_ptr + sample, mask=mask, other=0).to(tl.int32)
+    else:
+        t = tl.load(t_ptr).to(tl.int32)
+    t = tl.minimum(tl.maximum(t, 0), num_timesteps - 1)
+
+    # The model output may carry variance channels after the mean channels of each sample.
+    out_offs = sample * out_sample_stride + (offs - sample * per_sample)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    out = tl.load(model_out_ptr + out_offs, mask=mask, other=0.0).to(tl.float32)
+
+    sqrt_ab = _coef(table_ptr, ROW_SQRT_AB, num_timesteps, t)
+    sqrt_1m_ab = _coef(table_ptr, ROW_SQRT_1M_AB, num_timesteps, t)
+    if PREDICTION == 0:  # epsilon
+        x0 = _coef(table_ptr, ROW_SQRT_RECIP_AB, num_timesteps, t) * x - _coef(
+            table_ptr, ROW_SQRT_RECIPM1_AB, num_timesteps, t) * out
+    elif PREDICTION == 1:  # sample
+        x0 = out
+    else:  # v_prediction
+        x0 = sqrt_ab * x - sqrt_1m_ab * out
+    x0_unclipped = x0
+    if CLIP:
+        x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
+
+    if SAMPLER == 0:  # DDPM posterior
+        mean = _coef(table_ptr, ROW_COEF1, num_timesteps, t) * x0 + _coef(table_ptr, ROW_COEF2, num_timesteps, t) * x
+        if VARIANCE == 0:
+            std = tl.sqrt(_coef(table_ptr, ROW_POST_VAR, num_timesteps, t))
+        elif VARIANCE == 1:
+            std = tl.exp(0.5 * _coef(table_ptr, ROW_POST_LOGVAR, num_timesteps, t))
+        elif VARIANCE == 2:
+            std = tl.exp(0.5 * _coef(table_ptr, ROW_LOG_BETA, num_timesteps, t))
+        else:
+            var_values = tl.load(model_out_ptr + out_offs + per_sample, mask=mask, other=0.0).to(tl.float32)
+            if VARIANCE == 3:
+                std = tl.exp(0.5 * var_values)
+            else:
+                frac = (var_values + 1.0) * 0.5
+                min_log = _coef(table_ptr, ROW_POST_LOGVAR, num_timesteps, t)
+                max_log = _coef(table_ptr, ROW_LOG_BETA, num_timesteps, t)
+                std = tl.exp(0.5 * (frac * max_log + (1.0 - frac) * min_log))
+        std = tl.where(t > 0, std, 0.0)
+    else:  # DDIM (Song et al. eq. 12) with eps as the model predicted it
+        if PREDICTION == 0:
+            eps = out
+        elif PREDICTION == 1:
+            eps = (x - sqrt_ab * x0_unclipped) / sqrt_1m_ab
+        else:
+            eps = sqrt_ab * out + sqrt_1m_ab * x
+        std = eta * tl.sqrt(_coef(table_ptr, ROW_POST_VAR, num_timesteps, t))
+        direction = tl.sqrt(tl.maximum(_coef(table_ptr, ROW_1M_AB_PREV, num_timesteps, t) - std * std, 0.0))
+        mean = _coef(table_ptr, ROW_SQRT_AB_PREV, num_timesteps, t) * x0 + direction * eps
+
+    x_prev = mean
+    if ADD_NOISE:
+        if HAS_NOISE:
+            z = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            z = philox_normal(tl.load(seed_ptr), tl.load(noise_offset_ptr), offs)
+        x_prev = mean + std * z
+    if WRITE_X0:
+        tl.store(x0_ptr + offs, x0, mask=mask)
+    tl.store(x_prev_ptr + offs, x_prev, mask=mask)
+
+
+def reverse_step(
+    model_output, t, x_t, table, *, sampler="ddpm", prediction_type="epsilon", variance_type="fixed_small",
+    clip_range=None, eta=0.0, noise=None, seed=None, noise_offset=None, out=None, pred_x0_out=None, block=1024,
+):
+    """Launch on contiguous tensors. ``model_output`` is x_t's shape, or has twice its channels
+    (dim 1) for learned variances; ``t``: int tensor [] or [B]; ``table``: the schedule's packed
+    float32 table on x_t's device; ``seed``/``noise_offset``: int64 tensors [] (used when
+    ``noise`` is None); ``clip_range=None`` disables clipping. Writes ``out`` (may be ``x_t``)
+    and, if given, ``pred_x0_out``."""
+    numel = x_t.numel()
+    if out is None:
+        out = torch.empty_like(x_t)
+    if numel == 0:
+        return out
+    per_sample = numel // x_t.shape[0]
+    out_sample_stride = model_output.numel() // x_t.shape[0]
+    add_noise = sampler == "ddpm" or eta > 0
+    grid = (triton.cdiv(numel, block),)
+    _reverse_step_kernel[grid](
+        x_t, model_output, t, table,
+        noise if noise is not None else out,
+        seed if seed is not None else t, noise_offset if noise_offset is not None else t,
+        out, pred_x0_out if pred_x0_out is not None else out,
+        numel, per_sample, out_sample_stride, table.shape[1],
+        float(clip_range) if clip_range is not None else 0.0, float(eta),
+        **_ROWS,
+        SAMPLER=SAMPLER_CODES[sampler], PREDICTION=PREDICTION_CODES[prediction_type],
+        VARIANCE=VARIANCE_CODES[variance_type] if sampler == "ddpm" else 0,
+        CLIP=clip_range is not None, ADD_NOISE=add_noise, HAS_NOISE=noise is not None,
+        WRITE_X0=pred_x0_out is not None, T_PER_SAMPLE=t.ndim == 1,
+        INDEX_64=max(numel, model_output.numel()) + block >= 2**31, BLOCK=block,
+    )
+    return out

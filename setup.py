@@ -1,0 +1,29 @@
+from setuptools import setup
+
+setup(
+    name="fastddpm",
+    version="0.1.0",
+    description="DDPM training and sampling with the per-step work in fused Triton kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    # kernels/ ships inside the distribution as fastddpm.kernels: a top-level ``kernels``
+    # package would clash with an unrelated PyPI project of that name.
+    packages=["fastddpm", "fastddpm.commands", "fastddpm.kernels"],
+    package_dir={"fastddpm": "fastddpm", "fastddpm.kernels": "kernels"},
+    package_data={"fastddpm": ["assets/*"]},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "numpy",
+        "tqdm",
+        "Pillow",
+        "safetensors",
+        "scikit-learn",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "diffusers", "scipy"],
+        "bench": ["pytest-benchmark", "diffusers", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["fastddpm=fastddpm.cli:main"]},
+)
