@@ -219,7 +219,7 @@ def q_sample(
     )
     x_t = target if target is out or out is None else _write(out, target)
     if return_noise:
-        return x_t, noise if noise is not None else noise_out
+        return x_t, noise.to(x0.dtype) if noise is not None else noise_out
     return x_t
 
 

@@ -130,16 +130,27 @@ class NoiseSchedule:
         self.sqrt_recip_alphas = (1.0 / self.alphas).sqrt()
         self.log_betas = betas.log()
 
+        # Beta of the step from each index to the one before it: betas[i], except at index 0 when
+        # final_alpha_cumprod < 1, where the step goes from alphas_cumprod[0] to final_alpha_cumprod
+        # (1 - their ratio; 0 when they are equal, as in DDIM with set_alpha_to_one=False).
+        step_betas = betas.clone()
+        if self.final_alpha_cumprod != 1.0:
+            first_ratio = self.alphas_cumprod[0] / self.final_alpha_cumprod
+            if first_ratio > 1.0 + 1e-12:
+                raise ValueError(f"final_alpha_cumprod must be >= alphas_cumprod[0] ({self.alphas_cumprod[0].item()}), "
+                                 f"got {self.final_alpha_cumprod}")
+            step_betas[0] = (1.0 - first_ratio).clamp_min(0.0)
+
         # Posterior q(x_{t-1} | x_t, x_0) = N(coef1 * x_0 + coef2 * x_t, posterior_variance).
-        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_variance = step_betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         # The variance is 0 at the first index; its log is clipped to the next value (as in the
         # original DDPM code) so that learned_range interpolation and the bound stay finite.
         clip_from = self.posterior_variance[1] if num_timesteps > 1 else self.betas[0]
         self.posterior_log_variance_clipped = torch.log(
             torch.cat([clip_from.reshape(1), self.posterior_variance[1:]])
         )
-        self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
-        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef1 = step_betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * (1.0 - step_betas).sqrt() / (1.0 - self.alphas_cumprod)
 
         self._device_cache: Dict[Tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
@@ -200,6 +211,8 @@ class NoiseSchedule:
             raise ValueError(f"num_steps must be an int in [1, {self.num_timesteps}], got {num_steps!r}")
         if num_steps == self.num_timesteps:
             return self
+        if num_steps == 1:  # linspace(0, T - 1, 1) would keep only the first index
+            return self.respace([self.num_timesteps - 1])
         idx = torch.linspace(0, self.num_timesteps - 1, num_steps, dtype=torch.float64).round().to(torch.int64)
         return self.respace(idx)
 
