@@ -1,0 +1,579 @@
+"""fastddpm.sample(): end to end on an exact model, noise streams, samplers, hooks and bad input."""
+import math
+import warnings
+
+import pytest
+import torch
+
+import fastddpm
+from fastddpm import NoiseSchedule, reference
+from fastddpm.sampling import sample
+
+from conftest import requires_cuda, requires_triton
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_cpu_thread():
+    """These tensors are tiny: intra-op threads only add contention on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+# ---------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------
+
+
+class GaussianDataModel:
+    """The exact minimum-MSE predictor when the data is x_0 ~ N(mean_c, std_c^2), per channel c.
+
+    With x_t = sqrt(ab) x_0 + sqrt(1 - ab) eps, x_t is Gaussian with variance ab s^2 + 1 - ab, and
+    E[eps | x_t], E[x_0 | x_t] follow from the covariances; a sampler fed these predictions must
+    return samples from the data distribution (up to its discretisation error).
+    """
+
+    def __init__(self, schedule, mean, std, prediction_type="epsilon", extra_channels=None):
+        self.alphas_cumprod = schedule.alphas_cumprod
+        self.mean = torch.tensor(mean, dtype=torch.float64)
+        self.var = torch.tensor(std, dtype=torch.float64) ** 2
+        self.prediction_type = prediction_type
+        self.extra_channels = extra_channels  # a constant learned-variance output, if any
+
+    def __call__(self, x, t):
+        assert t.dtype == torch.int64 and t.shape == (x.shape[0],)
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        ab = self.alphas_cumprod[t.cpu()].reshape(shape)
+        mean = self.mean.reshape((1, -1) + (1,) * (x.ndim - 2))
+        var = self.var.reshape(mean.shape)
+        x64 = x.double().cpu()
+        centred = (x64 - ab.sqrt() * mean) / (ab * var + 1 - ab)
+        eps = (1 - ab).sqrt() * centred
+        x0 = mean + ab.sqrt() * var * centred
+        out = {"epsilon": eps, "sample": x0, "v_prediction": ab.sqrt() * eps - (1 - ab).sqrt() * x0}[self.prediction_type]
+        if self.extra_channels is not None:
+            out = torch.cat([out, torch.full_like(out, self.extra_channels)], dim=1)
+        return out.to(device=x.device, dtype=x.dtype)
+
+
+class RecordingModel(torch.nn.Module):
+    """A small conv net that also records the timesteps it is called with."""
+
+    def __init__(self, channels=1, out_channels=None, seed=0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.conv = torch.nn.Conv2d(channels, out_channels or channels, 3, padding=1)
+        with torch.no_grad():
+            for p in self.conv.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+        self.calls = []
+
+    def forward(self, x, t):
+        self.calls.append(t.clone())
+        return self.conv(x) * (1 + t.to(x.dtype).reshape(-1, 1, 1, 1) / 1000)
+
+
+SCHEDULE = NoiseSchedule.linear()
+DATA_MEAN = (0.25, -0.4)
+DATA_STD = (0.3, 0.15)
+
+
+def _channel_stats(x):
+    values = x.double().transpose(0, 1).reshape(x.shape[1], -1)
+    return values.mean(dim=1), values.std(dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end on Gaussian data
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sampler,prediction_type", [
+    ("ddpm", "epsilon"), ("ddim", "epsilon"), ("ddim", "sample"), ("ddim", "v_prediction"),
+])
+def test_exact_model_recovers_the_data_distribution(sampler, prediction_type):
+    # The full T=1000 chain: respaced DDPM with the fixed small variance shrinks the spread.
+    model = GaussianDataModel(SCHEDULE, DATA_MEAN, DATA_STD, prediction_type)
+    x = sample(model, (128, 2, 4, 4), schedule=SCHEDULE, sampler=sampler, prediction_type=prediction_type,
+               clip_denoised=False, seed=7, progress=False)
+    assert x.shape == (128, 2, 4, 4) and x.dtype == torch.float32
+    mean, std = _channel_stats(x)
+    # 2048 values a channel: the Monte-Carlo error of the mean is std/45, of the std about 1.6%.
+    assert torch.allclose(mean, torch.tensor(DATA_MEAN, dtype=torch.float64), atol=0.03)
+    assert torch.allclose(std, torch.tensor(DATA_STD, dtype=torch.float64), rtol=0.06)
+
+
+def test_wrong_model_gives_the_wrong_distribution():
+    # The check above can fail: a model that believes in another mean moves the samples.
+    model = GaussianDataModel(SCHEDULE, (0.6, 0.0), DATA_STD)
+    x = sample(model, (128, 2, 4, 4), schedule=SCHEDULE, sampler="ddim", clip_denoised=False, seed=7, progress=False)
+    mean, _ = _channel_stats(x)
+    assert not torch.allclose(mean, torch.tensor(DATA_MEAN, dtype=torch.float64), atol=0.03)
+
+
+def test_learned_range_extremes_match_the_fixed_variances():
+    # learned_range with v = -1 is the (clipped-log) posterior variance, v = +1 is beta_t.
+    schedule = NoiseSchedule.linear(50, beta_start=2e-3, beta_end=0.3)
+    shape = (4, 2, 3, 3)
+    common = dict(schedule=schedule, clip_denoised=False, seed=11, progress=False)
+    fixed = GaussianDataModel(schedule, DATA_MEAN, DATA_STD)
+    for value, fixed_type in ((-1.0, "fixed_small"), (1.0, "fixed_large")):
+        learned = GaussianDataModel(schedule, DATA_MEAN, DATA_STD, extra_channels=value)
+        got = sample(learned, shape, variance_type="learned_range", **common)
+        want = sample(fixed, shape, variance_type=fixed_type, **common)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    small = sample(fixed, shape, variance_type="fixed_small", **common)
+    large = sample(fixed, shape, variance_type="fixed_large", **common)
+    assert not torch.allclose(small, large, atol=1e-3)
+
+
+def test_ddim_ignores_the_variance_channels():
+    schedule = NoiseSchedule.linear(50, beta_start=2e-3, beta_end=0.3)
+    common = dict(schedule=schedule, sampler="ddim", eta=0.5, seed=3, progress=False)
+    learned = GaussianDataModel(schedule, DATA_MEAN, DATA_STD, extra_channels=0.3)
+    plain = GaussianDataModel(schedule, DATA_MEAN, DATA_STD)
+    got = sample(learned, (3, 2, 2, 2), variance_type="learned", num_steps=10, **common)
+    want = sample(plain, (3, 2, 2, 2), num_steps=10, **common)
+    torch.testing.assert_close(got, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# noise: seeds, the Philox stream contract, generators
+# ---------------------------------------------------------------------------------------------
+def test_same_seed_same_samples_other_seed_other_samples():
+    model = RecordingModel()
+    run = lambda seed: sample(model, (2, 1, 4, 4), num_steps=5, seed=seed, progress=False)  # noqa: E731
+    first, again, other = run(5), run(5), run(6)
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other)
+
+
+def test_default_seed_follows_torch_manual_seed():
+    model = RecordingModel()
+    run = lambda: sample(model, (2, 1, 4, 4), num_steps=4, progress=False)  # noqa: E731
+    torch.manual_seed(123)
+    first = run()
+    torch.manual_seed(123)
+    again = run()
+    other = run()
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other)
+
+
+def test_seed_stream_contract_x_T_at_offset_0_step_k_at_offset_k_plus_1():
+    """The documented stream, rebuilt with the reference ops: what the GPU kernel reproduces."""
+    model = RecordingModel()
+    schedule = SCHEDULE.respace_evenly(4)
+    shape, seed = (2, 1, 4, 4), 99
+    x = reference.philox_randn(shape, seed, 0)
+    with torch.no_grad():
+        for k, index in enumerate(reversed(range(4))):
+            out = model(x, schedule.timesteps[index].repeat(2))
+            x, _ = reference.ddpm_step(out, index, x, schedule, seed=seed, noise_offset=k + 1)
+    got = sample(model, shape, num_steps=4, seed=seed, progress=False)
+    torch.testing.assert_close(got, x, atol=1e-6, rtol=1e-6)
+
+
+def test_generator_path_is_reproducible_and_draws_from_the_generator():
+    model = RecordingModel()
+    run = lambda g: sample(model, (2, 1, 4, 4), num_steps=4, generator=g, progress=False)  # noqa: E731
+    first = run(torch.Generator().manual_seed(0))
+    again = run(torch.Generator().manual_seed(0))
+    other = run(torch.Generator().manual_seed(1))
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other)
+    # x_T, then one draw per step that adds noise (all but the last), as diffusers draws them.
+    generator = torch.Generator().manual_seed(0)
+    schedule = SCHEDULE.respace_evenly(4)
+    x = torch.randn((2, 1, 4, 4), generator=generator)
+    with torch.no_grad():
+        for index in reversed(range(4)):
+            noise = torch.randn((2, 1, 4, 4), generator=generator) if index > 0 else torch.zeros(2, 1, 4, 4)
+            x, _ = reference.ddpm_step(model(x, schedule.timesteps[index].repeat(2)), index, x, schedule, noise=noise)
+    torch.testing.assert_close(first, x)
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 8),
+        norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+    ).eval()
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_generator_path_matches_diffusers_pipelines(sampler, tiny_unet):
+    """A diffusers UNet2DModel is accepted as is, and a generator reproduces diffusers' pipelines."""
+    diffusers = pytest.importorskip("diffusers")
+    unet = tiny_unet
+    steps = 10
+    if sampler == "ddpm":
+        pipeline = diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(num_train_timesteps=steps))
+        extra, ours = {}, {}
+    else:
+        pipeline = diffusers.DDIMPipeline(unet=unet, scheduler=diffusers.DDIMScheduler(num_train_timesteps=steps))
+        extra, ours = {"eta": 0.5}, {"eta": 0.5}
+    pipeline.set_progress_bar_config(disable=True)
+    want = pipeline(batch_size=2, generator=torch.Generator().manual_seed(4), num_inference_steps=steps,
+                    output_type="pt", **extra).images
+    schedule = NoiseSchedule.linear(steps)
+    got = sample(unet, (2, 1, 8, 8), schedule=schedule, sampler=sampler, generator=torch.Generator().manual_seed(4),
+                 progress=False, **ours)
+    # diffusers' tables are float32, ours float64: rounding differences only.
+    torch.testing.assert_close((got / 2 + 0.5).clamp(0, 1), want, atol=2e-5, rtol=1e-4)
+
+
+def test_diffusers_unet_with_a_seed(tiny_unet):
+    x = sample(tiny_unet, (2, 1, 8, 8), num_steps=3, seed=0, progress=False)
+    assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU reference vs the fused kernel (Triton interpreter)
+# ---------------------------------------------------------------------------------------------
+@requires_triton
+@pytest.mark.parametrize("sampler,eta,variance_type,clip", [
+    ("ddpm", 0.0, "fixed_small", False),
+    ("ddpm", 0.0, "learned_range", True),
+    ("ddim", 0.5, "fixed_small", False),
+])
+def test_reference_and_kernel_paths_agree(sampler, eta, variance_type, clip):
+    learned = variance_type == "learned_range"
+    model = RecordingModel(channels=1, out_channels=2 if learned else 1)
+    if learned:  # keep the variance channel in learned_range's [-1, 1]
+        conv = model.conv
+        model.forward = lambda x, t: torch.cat([conv(x)[:, :1], torch.tanh(conv(x)[:, 1:])], dim=1)
+    schedule = NoiseSchedule.linear(40, beta_start=1e-3, beta_end=0.2)
+    common = dict(schedule=schedule, num_steps=6, sampler=sampler, eta=eta, variance_type=variance_type,
+                  clip_denoised=clip, seed=21, progress=False)
+    cpu = sample(model, (2, 1, 4, 4), backend="reference", **common)
+    kernel = sample(model, (2, 1, 4, 4), backend="interpret", **common)
+    x_T = reference.philox_randn((2, 1, 4, 4), 21, 0)
+    assert not torch.allclose(cpu, x_T, atol=1e-2)  # the chain did something
+    torch.testing.assert_close(kernel, cpu, atol=2e-5, rtol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# samplers and respacing
+# ---------------------------------------------------------------------------------------------
+def test_ddim_eta_zero_is_deterministic_given_x_T():
+    model = RecordingModel()
+    x_T = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    run = lambda **kw: sample(model, (2, 1, 4, 4), num_steps=5, sampler="ddim", noise=x_T, progress=False, **kw)  # noqa
+    assert torch.equal(run(seed=1), run(seed=2))
+    assert torch.equal(run(generator=torch.Generator().manual_seed(1)), run(seed=3))
+    assert not torch.allclose(run(seed=1, eta=0.5), run(seed=2, eta=0.5))
+    assert torch.equal(x_T, torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0)))  # not modified
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("num_steps", [1, 2, 7, None])
+def test_model_sees_the_respaced_trained_timesteps(sampler, num_steps):
+    schedule = NoiseSchedule.linear(30)
+    model = RecordingModel()
+    sample(model, (3, 1, 2, 2), schedule=schedule, num_steps=num_steps, sampler=sampler, seed=0, progress=False)
+    expected = schedule.respace_evenly(num_steps or 30).timesteps.flip(0)
+    seen = torch.stack(model.calls)
+    assert seen.dtype == torch.int64 and seen.shape == (len(expected), 3)
+    assert torch.equal(seen, expected[:, None].expand(-1, 3))
+    assert int(seen[0, 0]) == 29  # every chain starts from the last trained timestep
+    if num_steps != 1:
+        assert int(seen[-1, 0]) == 0
+
+
+def test_schedule_by_name_and_by_betas():
+    model = RecordingModel()
+    betas = torch.linspace(1e-3, 0.2, 20)
+    by_betas = sample(model, (1, 1, 2, 2), schedule=betas, seed=0, progress=False)
+    by_object = sample(model, (1, 1, 2, 2), schedule=NoiseSchedule(betas), seed=0, progress=False)
+    assert torch.equal(by_betas, by_object)
+    model.calls.clear()
+    sample(model, (1, 1, 2, 2), schedule="cosine", num_steps=3, seed=0, progress=False)
+    assert [int(t[0]) for t in model.calls] == [999, 500, 0]
+
+
+def test_dtype_and_device_defaults_follow_the_model():
+    model = RecordingModel().double()
+    x = sample(model, (2, 1, 3, 3), num_steps=3, seed=0, progress=False)
+    assert x.dtype == torch.float64 and x.device.type == "cpu"
+    x32 = sample(model.float(), (2, 1, 3, 3), num_steps=3, seed=0, progress=False)
+    torch.testing.assert_close(x.float(), x32, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# hooks
+# ---------------------------------------------------------------------------------------------
+def test_callback_and_intermediates():
+    schedule = NoiseSchedule.linear(20)
+    model = RecordingModel()
+    seen = []
+    final, intermediates = sample(model, (2, 1, 4, 4), schedule=schedule, num_steps=5, seed=0, progress=False,
+                                  return_intermediates=True,
+                                  callback=lambda step, t, x, pred_x0: seen.append((step, t, x, pred_x0)))
+    assert len(intermediates) == 5 and len(seen) == 5
+    assert torch.equal(intermediates[-1], final)
+    assert [s[0] for s in seen] == [0, 1, 2, 3, 4]
+    assert [s[1] for s in seen] == schedule.respace_evenly(5).timesteps.flip(0).tolist()
+    for (_, _, x, pred_x0), kept in zip(seen, intermediates):
+        assert torch.equal(x, kept)
+        assert pred_x0.shape == x.shape and pred_x0.abs().max() <= 1.0
+    assert not torch.equal(intermediates[0], intermediates[1])  # copies, not one live buffer
+    # The last DDPM step returns the posterior mean at index 0, which is the predicted x_0.
+    torch.testing.assert_close(seen[-1][3], final)
+    assert sample(model, (2, 1, 4, 4), schedule=schedule, num_steps=5, seed=0, progress=False).equal(final)
+
+
+def test_progress_bar_on_and_off(capsys):
+    sample(RecordingModel(), (1, 1, 2, 2), num_steps=3, seed=0, progress=True)
+    assert "/3 [" in capsys.readouterr().err
+    sample(RecordingModel(), (1, 1, 2, 2), num_steps=3, seed=0, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: rejected before the model runs
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(sampler="euler"), ValueError, "sampler"),
+    (dict(num_steps=1001), ValueError, r"num_steps must lie in \[1, 1000\]"),
+    (dict(num_steps=0), ValueError, "num_steps"),
+    (dict(num_steps=2.5), TypeError, "num_steps"),
+    (dict(shape=(4,)), ValueError, "shape"),
+    (dict(shape=(2, 0, 4, 4)), ValueError, "shape"),
+    (dict(shape="2x1x4x4"), TypeError, "shape"),
+    (dict(seed=1, generator=torch.Generator()), ValueError, "seed or generator"),
+    (dict(seed=-1), ValueError, "seed"),
+    (dict(seed=1.5), ValueError, "seed"),
+    (dict(generator=0), TypeError, "generator"),
+    (dict(eta=0.5), ValueError, "eta applies to sampler='ddim'"),
+    (dict(sampler="ddim", eta=-1.0), ValueError, "eta"),
+    (dict(prediction_type="score"), ValueError, "prediction_type"),
+    (dict(variance_type="huge"), ValueError, "variance_type"),
+    (dict(clip_range=0.0), ValueError, "clip_range"),
+    (dict(noise=torch.zeros(2, 1, 4, 5)), ValueError, "noise"),
+    (dict(dtype=torch.int32), TypeError, "dtype"),
+    (dict(cuda_graph="sometimes"), ValueError, "cuda_graph"),
+    (dict(cuda_graph=True), ValueError, "cuda_graph=True"),
+    (dict(backend="fast"), ValueError, "backend"),
+    (dict(callback=3), TypeError, "callback"),
+    (dict(schedule=3), TypeError, "schedule"),
+])
+def test_bad_arguments_are_rejected_before_any_model_call(kwargs, error, match):
+    if kwargs.get("cuda_graph") is True and torch.cuda.is_available():
+        pytest.skip("cuda_graph=True is valid with a GPU")
+    model = RecordingModel()
+    kwargs = dict(kwargs)
+    shape = kwargs.pop("shape", (2, 1, 4, 4))
+    with pytest.raises(error, match=match):
+        sample(model, shape, progress=False, **kwargs)
+    assert model.calls == []
+
+
+def test_model_that_is_not_callable():
+    with pytest.raises(TypeError, match="callable"):
+        sample("unet", (1, 1, 2, 2), progress=False)
+
+
+def test_model_returning_the_wrong_shape_names_expected_and_got():
+    bad = lambda x, t: x[:, :, :2]  # noqa: E731
+    with pytest.raises(ValueError, match=r"expected \(2, 1, 4, 4\).*got \(2, 1, 2, 4\)"):
+        sample(bad, (2, 1, 4, 4), num_steps=3, seed=0, progress=False)
+
+
+def test_learned_variance_needs_twice_the_channels():
+    with pytest.raises(ValueError, match=r"expected \(2, 2, 4, 4\).*twice.*got \(2, 1, 4, 4\)"):
+        sample(RecordingModel(), (2, 1, 4, 4), num_steps=3, seed=0, variance_type="learned_range", progress=False)
+
+
+def test_model_returning_something_else():
+    with pytest.raises(TypeError, match=r"\.sample"):
+        sample(lambda x, t: {"sample": x}, (1, 1, 2, 2), num_steps=2, seed=0, progress=False)
+
+
+def test_lazy_export():
+    assert fastddpm.sample is sample
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU)
+# ---------------------------------------------------------------------------------------------
+@requires_cuda
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.3)])
+def test_cuda_graph_replay_matches_eager_steps(sampler, eta):
+    model = RecordingModel(channels=3).cuda()
+    common = dict(num_steps=20, sampler=sampler, eta=eta, seed=5, progress=False)
+    eager = sample(model, (4, 3, 8, 8), cuda_graph=False, **common)
+    graphed, intermediates = sample(model, (4, 3, 8, 8), cuda_graph=True, return_intermediates=True, **common)
+    torch.testing.assert_close(graphed, eager)
+    assert len(intermediates) == 20 and not torch.equal(intermediates[-2], intermediates[-1])
+
+
+@requires_cuda
+def test_cuda_kernel_path_matches_the_cpu_reference_for_the_same_seed():
+    model = RecordingModel(channels=3)
+    common = dict(schedule=NoiseSchedule.linear(100), num_steps=25, seed=17, progress=False, clip_denoised=False)
+    cpu = sample(model, (4, 3, 8, 8), device="cpu", **common)
+    gpu = sample(model.cuda(), (4, 3, 8, 8), device="cuda", **common)
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=1e-4)
+
+
+@requires_cuda
+def test_cuda_generator_path_with_graph():
+    model = RecordingModel(channels=3).cuda()
+    run = lambda graph: sample(model, (2, 3, 8, 8), num_steps=10, progress=False, cuda_graph=graph,  # noqa: E731
+                               generator=torch.Generator("cuda").manual_seed(0))
+    torch.testing.assert_close(run(True), run(False))
+
+
+class _SyncingModel(RecordingModel):
+    def forward(self, x, t):
+        scale = 1 + float(t[0].item()) / 1000  # a host read: cannot be captured
+        return self.conv(x) * scale
+
+
+@requires_cuda
+def test_uncapturable_model_falls_back_with_a_warning():
+    model = _SyncingModel(channels=3).cuda()
+    common = dict(num_steps=5, seed=1, progress=False)
+    eager = sample(model, (2, 3, 8, 8), cuda_graph=False, **common)
+    with pytest.warns(RuntimeWarning, match="CUDA graph"):
+        fallback = sample(model, (2, 3, 8, 8), cuda_graph="auto", **common)
+    torch.testing.assert_close(fallback, eager)
+    with pytest.raises(RuntimeError, match="cuda_graph=True"):
+        sample(model, (2, 3, 8, 8), cuda_graph=True, **common)
+
+
+class _FakeStream:
+    def wait_stream(self, other):
+        pass
+
+
+class _FakeGraph:
+    """torch.cuda.CUDAGraph on the CPU: a capture runs nothing (the state it touched is restored)
+    and a replay runs the captured step again."""
+
+    def __init__(self):
+        self.step = None
+
+
+class _FakeCapture:
+    def __init__(self, graph):
+        self.graph = graph
+
+    def __enter__(self):
+        import sys
+
+        from fastddpm.sampling import _Plan
+
+        frame = sys._getframe(1)
+        while not isinstance(frame.f_locals.get("self"), _Plan):  # find the _Plan doing the capture
+            frame = frame.f_back
+        self.plan = frame.f_locals["self"]
+        self.saved = {name: getattr(self.plan, name).clone() for name in ("x", "step_index", "noise_offset")}
+        return self
+
+    def __exit__(self, *exc_info):
+        for name, value in self.saved.items():
+            getattr(self.plan, name).copy_(value)
+        if exc_info[0] is None:
+            self.graph.step = self.plan._step
+        return False
+
+
+@pytest.fixture
+def fake_cuda_graphs(monkeypatch):
+    """Runs sample()'s CUDA-graph loop on the CPU with stand-ins for streams and graphs."""
+    import contextlib
+
+    import fastddpm.sampling as sampling
+
+    replays = []
+
+    def replay(graph):
+        replays.append(1)
+        graph.step()
+
+    monkeypatch.setattr(_FakeGraph, "replay", replay, raising=False)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *a: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", _FakeCapture)
+
+    def run(model, shape, cuda_graph=True, **kwargs):
+        plan = sampling._Plan.build(model, shape, progress=False, cuda_graph=False, **{
+            "schedule": None, "num_steps": None, "sampler": "ddpm", "eta": 0.0, "prediction_type": "epsilon",
+            "variance_type": "fixed_small", "clip_denoised": True, "clip_range": 1.0, "seed": None,
+            "generator": None, "noise": None, "device": None, "dtype": None, "return_intermediates": False,
+            "callback": None, "backend": None, **kwargs})
+        plan.use_graph, plan.cuda_graph = True, cuda_graph
+        with torch.no_grad():
+            return plan.run()
+
+    run.replays = replays
+    return run
+
+
+@pytest.mark.parametrize("noise", ["seed", "generator"])
+def test_graph_loop_logic_matches_eager_on_cpu_stand_ins(fake_cuda_graphs, noise):
+    model = RecordingModel()
+    steps = 8
+    random = (lambda: dict(seed=4)) if noise == "seed" else (lambda: dict(generator=torch.Generator().manual_seed(4)))
+    seen_graph, seen_eager = [], []
+    common = dict(num_steps=steps, sampler="ddim", eta=0.7, return_intermediates=True)
+    graphed, graphed_steps = fake_cuda_graphs(model, (2, 1, 4, 4), callback=lambda *a: seen_graph.append(a),
+                                              **common, **random())
+    calls_with_graph = len(model.calls)
+    assert len(fake_cuda_graphs.replays) == steps - 3  # three eager warm-up steps, then replays
+    eager, eager_steps = sample(model, (2, 1, 4, 4), callback=lambda *a: seen_eager.append(a), progress=False,
+                                **common, **random())
+    torch.testing.assert_close(graphed, eager, atol=0, rtol=0)
+    for a, b in zip(graphed_steps, eager_steps):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert [(s[0], s[1]) for s in seen_graph] == [(s[0], s[1]) for s in seen_eager]
+    for a, b in zip(seen_graph, seen_eager):
+        torch.testing.assert_close(a[3], b[3], atol=0, rtol=0)
+    assert calls_with_graph == 3 + 1 + (steps - 3)  # warm-up, the capture, the replays
+
+
+class _FailsUnderCapture(RecordingModel):
+    capturing = False
+
+    def forward(self, x, t):
+        if type(self).capturing:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return super().forward(x, t)
+
+
+def test_graph_capture_failure_falls_back_or_raises(fake_cuda_graphs, monkeypatch):
+    class Capture(_FakeCapture):
+        def __enter__(self):
+            _FailsUnderCapture.capturing = True
+            return super().__enter__()
+
+        def __exit__(self, *exc_info):
+            _FailsUnderCapture.capturing = False
+            return super().__exit__(*exc_info)
+
+    monkeypatch.setattr(torch.cuda, "graph", Capture)
+    model = _FailsUnderCapture()
+    eager = sample(model, (2, 1, 4, 4), num_steps=6, seed=2, progress=False)
+    with pytest.warns(RuntimeWarning, match="could not capture"):
+        fallback = fake_cuda_graphs(model, (2, 1, 4, 4), cuda_graph="auto", num_steps=6, seed=2)
+    torch.testing.assert_close(fallback, eager, atol=0, rtol=0)
+    assert fake_cuda_graphs.replays == []
+    with pytest.raises(RuntimeError, match="cuda_graph=True but capturing"):
+        fake_cuda_graphs(model, (2, 1, 4, 4), cuda_graph=True, num_steps=6, seed=2)
+
+
+def test_cpu_never_tries_a_graph(monkeypatch):
+    def no_graphs(*args, **kwargs):
+        raise AssertionError("CUDA graph touched on the CPU")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", no_graphs)
+    monkeypatch.setattr(torch.cuda, "Stream", no_graphs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = sample(RecordingModel(), (1, 1, 2, 2), num_steps=3, seed=0, cuda_graph="auto", progress=False)
+    assert math.isfinite(float(x.sum()))
