@@ -92,7 +92,11 @@ class NoiseSchedule:
         timesteps: Optional[Union[torch.Tensor, Sequence[int]]] = None,
         *,
         final_alpha_cumprod: float = 1.0,
+        alphas_cumprod: Optional[Union[torch.Tensor, Sequence[float]]] = None,
     ):
+        """``alphas_cumprod``, when given, is used as is instead of the cumulative product of
+        ``1 - betas``: :meth:`respace` passes the kept alpha_bar through, because rebuilding it
+        from betas that round to 1 would turn an alpha_bar below ~1e-16 into 0."""
         betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu().clone()
         if betas.ndim != 1 or betas.numel() < 1:
             raise ValueError(f"betas must be a non-empty 1-D sequence, got shape {tuple(betas.shape)}")
@@ -114,7 +118,15 @@ class NoiseSchedule:
 
         self.betas = betas
         self.alphas = 1.0 - betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        if alphas_cumprod is None:
+            self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        else:
+            self.alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu().clone()
+            if self.alphas_cumprod.shape != betas.shape:
+                raise ValueError(f"alphas_cumprod must have one entry per beta ({num_timesteps}), "
+                                 f"got shape {tuple(self.alphas_cumprod.shape)}")
+            if (self.alphas_cumprod <= 0).any() or (self.alphas_cumprod > 1).any():
+                raise ValueError("alphas_cumprod must all lie in (0, 1]")
         # alpha_bar_{t-1}; at the first index this is the "previous" of x_0 (1 for DDPM; DDIM
         # schedulers may set it to alphas_cumprod[0] through final_alpha_cumprod).
         self.alphas_cumprod_prev = torch.cat(
@@ -203,7 +215,8 @@ class NoiseSchedule:
             raise ValueError("timesteps must not repeat")
         kept = self.alphas_cumprod[idx]
         prev = torch.cat([torch.ones(1, dtype=torch.float64), kept[:-1]])
-        return NoiseSchedule(1.0 - kept / prev, self.timesteps[idx], final_alpha_cumprod=final_alpha_cumprod)
+        return NoiseSchedule(1.0 - kept / prev, self.timesteps[idx], final_alpha_cumprod=final_alpha_cumprod,
+                             alphas_cumprod=kept)
 
     def respace_evenly(self, num_steps: int) -> "NoiseSchedule":
         """Respace to ``num_steps`` indices spread evenly over the chain, always keeping the last."""

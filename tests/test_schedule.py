@@ -295,3 +295,14 @@ def test_bad_schedule_arguments():
         make_betas("exponential", 10)
     with pytest.raises(ValueError, match="num_timesteps"):
         make_betas("linear", 0)
+
+
+def test_respace_keeps_tiny_alpha_bar_finite():
+    """An alpha_bar below ~1e-16 must survive respacing (1 - alpha_bar rounds to 1 in float64)."""
+    schedule = NoiseSchedule.linear(1000, beta_end=0.1)
+    assert schedule.alphas_cumprod[999] < 1e-16
+    respaced = schedule.respace([500, 999])
+    assert torch.equal(respaced.alphas_cumprod, schedule.alphas_cumprod[[500, 999]])
+    for name in ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
+                 "posterior_mean_coef2", "posterior_variance"):
+        assert torch.isfinite(getattr(respaced, name)).all(), name
