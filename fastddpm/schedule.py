@@ -125,8 +125,8 @@ class NoiseSchedule:
             if self.alphas_cumprod.shape != betas.shape:
                 raise ValueError(f"alphas_cumprod must have one entry per beta ({num_timesteps}), "
                                  f"got shape {tuple(self.alphas_cumprod.shape)}")
-            if (self.alphas_cumprod <= 0).any() or (self.alphas_cumprod > 1).any():
-                raise ValueError("alphas_cumprod must all lie in (0, 1]")
+            if (self.alphas_cumprod < 0).any() or (self.alphas_cumprod > 1).any():
+                raise ValueError("alphas_cumprod must all lie in [0, 1]")
         # alpha_bar_{t-1}; at the first index this is the "previous" of x_0 (1 for DDPM; DDIM
         # schedulers may set it to alphas_cumprod[0] through final_alpha_cumprod).
         self.alphas_cumprod_prev = torch.cat(
