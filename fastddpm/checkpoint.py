@@ -1,0 +1,423 @@
+"""Checkpoints: one safetensors file per checkpoint, written atomically.
+
+Tensors: ``model.*`` (weights), ``ema.*`` (EMA weights), ``optimizer.<param>.<name>`` (optimizer
+state), ``rng.*`` (torch CPU / CUDA and numpy generator states), ``schedule.betas`` (the noise
+schedule, float64). The safetensors header metadata holds JSON: ``config`` (model, diffusion,
+data and training settings), ``step``, the optimizer's param groups and non-tensor state, the
+Python ``random`` state and ``extra``. The file is written to a temporary file in the same
+folder, synced and renamed over the target, so a crash never leaves a partial checkpoint.
+
+A *pretrained* checkpoint (what ships in ``fastddpm/assets/``) holds only ``ema.*``,
+``schedule.betas`` and the config.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .schedule import NoiseSchedule
+
+__all__ = [
+    "CheckpointError", "Checkpoint", "Pretrained", "save_checkpoint", "load_checkpoint", "load_pretrained",
+    "load_state_into", "capture_rng_state", "restore_rng_state", "default_pretrained_path", "FORMAT",
+]
+
+FORMAT = "fastddpm-checkpoint"
+FORMAT_VERSION = 1
+DEFAULT_ASSET = "digits.safetensors"
+
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, unreadable, corrupt, or does not fit the model."""
+
+
+@dataclass
+class Checkpoint:
+    """Everything read from a checkpoint file (tensors on the requested device)."""
+
+    path: Path
+    config: Dict[str, Any]
+    step: int
+    model_state: Optional[Dict[str, torch.Tensor]] = None
+    ema_state: Optional[Dict[str, torch.Tensor]] = None
+    optimizer_state: Optional[Dict[str, Any]] = None
+    rng_state: Optional[Dict[str, Any]] = None
+    schedule: Optional[NoiseSchedule] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Pretrained:
+    """A model ready to sample from, with what a sampler needs to know about it."""
+
+    model: nn.Module
+    schedule: NoiseSchedule
+    sample_shape: Tuple[int, ...]
+    prediction_type: str
+    variance_type: str
+    config: Dict[str, Any]
+    path: Optional[Path] = None
+    step: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG states
+# ---------------------------------------------------------------------------------------------
+def capture_rng_state() -> Dict[str, Any]:
+    """The torch (CPU and every CUDA device), numpy and Python ``random`` generator states."""
+    numpy_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"name": numpy_state[0], "keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
+                  "pos": int(numpy_state[2]), "has_gauss": int(numpy_state[3]), "cached_gaussian": float(numpy_state[4])},
+        "python": random.getstate(),
+    }
+
+
+def restore_rng_state(state: Dict[str, Any]) -> None:
+    """Restore what :func:`capture_rng_state` captured (CUDA states only where devices exist)."""
+    if "torch" in state:
+        torch.set_rng_state(state["torch"].cpu())
+    cuda_states = state.get("cuda") or []
+    if cuda_states and torch.cuda.is_available():
+        for index, cuda_state in enumerate(cuda_states[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu(), index)
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state((n["name"], n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+    if "python" in state:
+        version, internal, gauss_next = state["python"]
+        random.setstate((version, tuple(internal), gauss_next))
+
+
+def _rng_to_file(state: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    tensors["rng.torch"] = state["torch"]
+    for index, cuda_state in enumerate(state.get("cuda") or []):
+        tensors[f"rng.cuda.{index}"] = cuda_state
+    numpy_state = dict(state["numpy"])
+    tensors["rng.numpy.keys"] = numpy_state.pop("keys")
+    return {"numpy": numpy_state, "python": list(state["python"]), "num_cuda": len(state.get("cuda") or [])}
+
+
+def _rng_from_file(meta: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    numpy_state = dict(meta["numpy"])
+    numpy_state["keys"] = tensors["rng.numpy.keys"]
+    return {
+        "torch": tensors["rng.torch"],
+        "cuda": [tensors[f"rng.cuda.{i}"] for i in range(meta.get("num_cuda", 0))],
+        "numpy": numpy_state,
+        "python": meta["python"],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizer state <-> flat tensors + JSON
+# ---------------------------------------------------------------------------------------------
+def _optimizer_to_file(state_dict: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    plain_state = {}
+    for param_id, param_state in state_dict["state"].items():
+        kept = {}
+        for name, value in param_state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{param_id}.{name}"] = value
+            else:
+                kept[name] = value
+        plain_state[str(param_id)] = kept
+    return {"param_groups": state_dict["param_groups"], "state": plain_state}
+
+
+def _optimizer_from_file(meta: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    state: Dict[int, Dict[str, Any]] = {int(k): dict(v) for k, v in meta["state"].items()}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, param_id, name = key.split(".", 2)
+            state.setdefault(int(param_id), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# save
+# ---------------------------------------------------------------------------------------------
+def _state_of(obj, name: str) -> Dict[str, torch.Tensor]:
+    if isinstance(obj, nn.Module):
+        module = obj.module if hasattr(obj, "module") and isinstance(obj.module, nn.Module) else obj
+        return module.state_dict()
+    if isinstance(obj, dict):
+        return obj
+    raise TypeError(f"{name} must be an nn.Module or a state dict, got {type(obj).__name__}")
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint's JSON metadata")
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call ``write(temporary_path)``, fsync, then rename over ``path``; clean up on failure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(temporary)
+        os.chmod(temporary, 0o644)  # mkstemp creates 0600; checkpoints are ordinary files
+        descriptor = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable where the platform allows it
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except OSError:
+        pass
+
+
+def save_checkpoint(
+    path: PathLike,
+    *,
+    config: Dict[str, Any],
+    schedule: NoiseSchedule,
+    model=None,
+    ema=None,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    step: int = 0,
+    rng_state: Optional[Dict[str, Any]] = None,
+    extra: Optional[Dict[str, Any]] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> Path:
+    """Write a checkpoint atomically and return its path.
+
+    ``model`` / ``ema``: modules (a DDP or AveragedModel wrapper is unwrapped) or state dicts;
+    ``optimizer``: its state is stored in full; ``rng_state``: from :func:`capture_rng_state`;
+    ``config``: JSON-serialisable settings (``config["model"]`` should be ``model.config``);
+    ``dtype``: cast floating weights (e.g. ``torch.float16`` for a smaller pretrained file).
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict, got {type(config).__name__}")
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be a fastddpm.NoiseSchedule, got {type(schedule).__name__}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    if model is None and ema is None:
+        raise ValueError("give model and/or ema: a checkpoint without weights is useless")
+    tensors: Dict[str, torch.Tensor] = {"schedule.betas": schedule.betas}
+    for prefix, obj in (("model", model), ("ema", ema)):
+        if obj is None:
+            continue
+        for key, value in _state_of(obj, prefix).items():
+            value = value.detach()
+            if dtype is not None and value.is_floating_point():
+                value = value.to(dtype)
+            tensors[f"{prefix}.{key}"] = value
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "config": json.dumps(config, default=_json_default, sort_keys=True),
+        "step": str(step),
+    }
+    if optimizer is not None:
+        metadata["optimizer"] = json.dumps(_optimizer_to_file(optimizer.state_dict(), tensors), default=_json_default)
+    if rng_state is not None:
+        metadata["rng"] = json.dumps(_rng_to_file(rng_state, tensors), default=_json_default)
+    if extra:
+        metadata["extra"] = json.dumps(extra, default=_json_default, sort_keys=True)
+    # safetensors wants contiguous CPU tensors that share no storage.
+    tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in tensors.items()}
+    path = Path(path)
+    _atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# load
+# ---------------------------------------------------------------------------------------------
+def _read(path: Path, device) -> Tuple[Dict[str, str], Dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint path {str(path)!r} is a folder; give the .safetensors file")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as reader:
+            metadata = reader.metadata() or {}
+            tensors = {key: reader.get_tensor(key) for key in reader.keys()}
+    except Exception as error:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a readable safetensors file "
+                              f"(truncated or corrupt?): {error}") from None
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{str(path)!r} is a safetensors file but not a fastddpm checkpoint "
+                              "(its metadata has no format='fastddpm-checkpoint')")
+    version = metadata.get("format_version", "")
+    if version != str(FORMAT_VERSION):
+        raise CheckpointError(f"checkpoint {str(path)!r} has format version {version!r}; "
+                              f"this fastddpm reads version {FORMAT_VERSION}")
+    return metadata, tensors
+
+
+def _json_field(metadata: Dict[str, str], name: str, path: Path):
+    try:
+        return json.loads(metadata[name])
+    except (KeyError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"checkpoint {str(path)!r} has a missing or damaged {name!r} entry: {error}") from None
+
+
+def load_checkpoint(
+    path: PathLike,
+    *,
+    model: Optional[nn.Module] = None,
+    ema: Optional[nn.Module] = None,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    device: Union[str, torch.device] = "cpu",
+    restore_rng: bool = False,
+) -> Checkpoint:
+    """Read a checkpoint; load its weights into ``model`` / ``ema`` and its state into
+    ``optimizer`` where given (raising :class:`CheckpointError` on any mismatch), and restore the
+    RNG states with ``restore_rng=True``. Returns the :class:`Checkpoint`."""
+    path = Path(path)
+    metadata, tensors = _read(path, device)
+    config = _json_field(metadata, "config", path)
+    try:
+        step = int(metadata.get("step", "0"))
+    except ValueError:
+        raise CheckpointError(f"checkpoint {str(path)!r} has a damaged step entry {metadata.get('step')!r}") from None
+    if "schedule.betas" not in tensors:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds no schedule.betas")
+    try:
+        schedule = NoiseSchedule(tensors["schedule.betas"].cpu())
+    except ValueError as error:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds invalid betas: {error}") from None
+
+    def prefixed(prefix: str) -> Optional[Dict[str, torch.Tensor]]:
+        found = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        return found or None
+
+    checkpoint = Checkpoint(path=path, config=config, step=step, model_state=prefixed("model"),
+                            ema_state=prefixed("ema"), schedule=schedule)
+    if "optimizer" in metadata:
+        checkpoint.optimizer_state = _optimizer_from_file(_json_field(metadata, "optimizer", path), tensors)
+    if "rng" in metadata:
+        checkpoint.rng_state = _rng_from_file(_json_field(metadata, "rng", path), tensors)
+    if "extra" in metadata:
+        checkpoint.extra = _json_field(metadata, "extra", path)
+
+    if model is not None:
+        if checkpoint.model_state is None:
+            raise CheckpointError(f"checkpoint {str(path)!r} holds no model weights (only EMA weights?)")
+        load_state_into(model, checkpoint.model_state, path, "model")
+    if ema is not None:
+        if checkpoint.ema_state is None:
+            raise CheckpointError(f"checkpoint {str(path)!r} holds no EMA weights")
+        load_state_into(ema, checkpoint.ema_state, path, "ema")
+    if optimizer is not None:
+        if checkpoint.optimizer_state is None:
+            raise CheckpointError(f"checkpoint {str(path)!r} holds no optimizer state")
+        try:
+            optimizer.load_state_dict(checkpoint.optimizer_state)
+        except (ValueError, KeyError, RuntimeError) as error:
+            raise CheckpointError(f"optimizer state in {str(path)!r} does not fit this optimizer: {error}") from None
+    if restore_rng:
+        if checkpoint.rng_state is None:
+            raise CheckpointError(f"checkpoint {str(path)!r} holds no RNG states")
+        restore_rng_state(checkpoint.rng_state)
+    return checkpoint
+
+
+def load_state_into(module: nn.Module, state: Dict[str, torch.Tensor], path: PathLike = "<memory>",
+                    what: str = "model") -> None:
+    """``module.load_state_dict(state)`` with every mismatch reported in one clear error."""
+    if hasattr(module, "module") and isinstance(module.module, nn.Module):  # DDP / AveragedModel
+        module = module.module
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                   for k in sorted(set(expected) & set(state)) if state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong_shape:
+        lines = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+            if items:
+                shown = ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
+                lines.append(f"{label}: {shown}")
+        raise CheckpointError(f"{what} weights in {str(path)!r} do not fit {type(module).__name__} "
+                              f"(was it built with the checkpoint's config?); " + "; ".join(lines))
+    with torch.no_grad():
+        module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# pretrained
+# ---------------------------------------------------------------------------------------------
+def default_pretrained_path() -> Path:
+    """Where the shipped digits checkpoint lives inside the installed package."""
+    return Path(str(resources.files("fastddpm").joinpath("assets", DEFAULT_ASSET)))
+
+
+def load_pretrained(path: Optional[PathLike] = None, *, device: Union[str, torch.device] = "cpu") -> Pretrained:
+    """A model in eval mode with EMA weights (model weights if the file has no EMA), ready for
+    ``model(x, t)``. ``path=None`` loads the digits model shipped in ``fastddpm/assets/``."""
+    from .models import model_from_config
+
+    with ExitStack() as stack:
+        if path is None:
+            path = stack.enter_context(resources.as_file(resources.files("fastddpm").joinpath("assets", DEFAULT_ASSET)))
+        checkpoint = load_checkpoint(path, device="cpu")
+        path = Path(path)
+    config = checkpoint.config
+    for key in ("model", "diffusion", "sample_shape"):
+        if key not in config:
+            raise CheckpointError(f"checkpoint {str(path)!r} config has no {key!r} entry")
+    try:
+        model = model_from_config(config["model"])
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {str(path)!r} has an unusable model config: {error}") from None
+    state = checkpoint.ema_state if checkpoint.ema_state is not None else checkpoint.model_state
+    if state is None:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds no weights")
+    load_state_into(model, state, path, "EMA" if checkpoint.ema_state is not None else "model")
+    model.eval().requires_grad_(False).to(device)
+    diffusion = config["diffusion"]
+    return Pretrained(
+        model=model,
+        schedule=checkpoint.schedule,
+        sample_shape=tuple(int(s) for s in config["sample_shape"]),
+        prediction_type=diffusion.get("prediction_type", "epsilon"),
+        variance_type=diffusion.get("variance_type", "fixed_small"),
+        config=config,
+        path=path,
+        step=checkpoint.step,
+    )

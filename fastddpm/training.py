@@ -1,0 +1,608 @@
+"""Training: L_simple (or the hybrid / bound losses) with AdamW, EMA, AMP, checkpoints and DDP.
+
+Reproducibility is by construction: everything random in step ``s`` (which images, their flips,
+the timesteps, the noise, dropout) comes from generators seeded from ``(seed, s)``, and the
+data order from a per-epoch permutation seeded from ``(seed, epoch)``. A run resumed from a
+checkpoint at step ``s`` therefore draws exactly what the uninterrupted run draws, and with the
+weights, EMA and optimizer state restored from the checkpoint it ends with the same weights.
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) every rank draws the *global* batch's randomness and
+keeps its own slice, so data-parallel training matches one process on the same global batch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import ops
+from .checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from .data import Dataset, load_dataset
+from .losses import LOSS_TYPES, training_losses
+from .models import PRESETS, create_model
+from .reference import LEARNED_VARIANCE_TYPES, PREDICTION_TYPES, VARIANCE_TYPES
+from .schedule import BETA_SCHEDULES, NoiseSchedule
+
+__all__ = ["train", "TrainResult", "TRAINING_DEFAULTS", "configure_parser", "run"]
+
+# Per-preset defaults for whatever train() is not told. The paper's CIFAR-10 run: lr 2e-4,
+# batch 128, 800k steps, 5000 warm-up steps, EMA 0.9999. The small presets train for minutes,
+# so they use a larger learning rate and a shorter EMA horizon.
+TRAINING_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "ddpm_cifar10": dict(data=None, steps=800_000, batch_size=128, lr=2e-4, warmup_steps=5000, ema_decay=0.9999,
+                         ckpt_every=10_000, sample_every=50_000, log_every=100),
+    "digits": dict(data="digits", steps=4000, batch_size=64, lr=1e-3, warmup_steps=200, ema_decay=0.999,
+                   ckpt_every=500, sample_every=1000, log_every=100),
+    "toy2d": dict(data="moons", steps=5000, batch_size=256, lr=1e-3, warmup_steps=100, ema_decay=0.995,
+                  ckpt_every=1000, sample_every=0, log_every=100),
+}
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+CHECKPOINT_NAME = "checkpoint.safetensors"
+EMA_NAME = "ema.safetensors"
+
+# Independent random streams derived from (seed, step); the numbers only need to differ.
+_STREAM_INIT, _STREAM_DATA_ORDER, _STREAM_BATCH, _STREAM_DROPOUT = 1, 2, 3, 4
+
+
+def derive_seed(seed: int, *words: int) -> int:
+    """A 63-bit seed from ``seed`` and further integers (step, stream, ...), well mixed."""
+    state = np.random.SeedSequence([seed, *words]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31 | int(state[1]) >> 1) & (2**63 - 1)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the trained module, an EMA copy, where it stopped, and the log."""
+
+    model: nn.Module
+    ema_model: nn.Module
+    step: int
+    config: Dict[str, Any]
+    schedule: NoiseSchedule
+    losses: List[Tuple[int, float]] = field(default_factory=list)
+    out: Optional[Path] = None
+    wall_seconds: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+class _DataOrder:
+    """Position ``p`` of the endless stream of training indices: epoch ``p // N`` is a permutation
+    seeded from (seed, epoch); only the epochs in use are kept."""
+
+    def __init__(self, size: int, seed: int):
+        self.size = size
+        self.seed = seed
+        self._cache: Dict[int, torch.Tensor] = {}
+
+    def _epoch(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._cache:
+            if len(self._cache) > 4:
+                self._cache.pop(min(self._cache))
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, _STREAM_DATA_ORDER, epoch))
+            self._cache[epoch] = torch.randperm(self.size, generator=generator)
+        return self._cache[epoch]
+
+    def indices(self, start: int, count: int) -> torch.Tensor:
+        positions = torch.arange(start, start + count)
+        epochs, offsets = positions // self.size, positions % self.size
+        out = torch.empty(count, dtype=torch.int64)
+        for epoch in epochs.unique().tolist():
+            mask = epochs == epoch
+            out[mask] = self._epoch(epoch)[offsets[mask]]
+        return out
+
+
+def _positive_int(name: str, value, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        raise ValueError(f"{name} must be {'a non-negative' if allow_zero else 'a positive'} int, got {value!r}")
+    return value
+
+
+def _positive_float(name: str, value, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
+    return float(value)
+
+
+def _distributed_setup(device: Optional[Union[str, torch.device]]):
+    """(rank, world_size, device, created_group). Starts the process group under torchrun."""
+    import torch.distributed as dist
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    created = False
+    if dist.is_available() and dist.is_initialized():
+        world_size = dist.get_world_size()
+    elif world_size > 1:
+        backend = "nccl" if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda") else "gloo"
+        dist.init_process_group(backend=backend)
+        created = True
+    rank = dist.get_rank() if world_size > 1 else 0
+    if device is None:
+        if torch.cuda.is_available():
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if world_size > 1 else torch.cuda.current_device())
+        else:
+            device = torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if world_size > 1 else torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    return rank, world_size, device, created
+
+
+def _amp_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "fp32":
+        return None
+    if device.type != "cuda":
+        raise ValueError(f"precision={precision!r} (autocast) is for CUDA; on {device.type} use 'fp32' or 'auto'")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def _save_sample_grid(ema_model: nn.Module, schedule: NoiseSchedule, config: Dict[str, Any], path: Path,
+                      seed: int, num_samples: int, num_steps: int, device: torch.device) -> Optional[Path]:
+    try:
+        from .imaging import save_image_grid
+        from .sampling import sample
+    except ImportError:  # the sampler is optional for training
+        return None
+    shape = (num_samples, *config["sample_shape"])
+    was_training = ema_model.training
+    ema_model.eval()
+    try:
+        with torch.no_grad():
+            images = sample(ema_model, shape, schedule=schedule, num_steps=min(num_steps, schedule.num_timesteps),
+                            prediction_type=config["diffusion"]["prediction_type"],
+                            variance_type=config["diffusion"]["variance_type"], seed=seed, device=device,
+                            progress=False)
+    finally:
+        ema_model.train(was_training)
+    return save_image_grid(images, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------
+def train(
+    preset: str = "digits",
+    data: Union[str, os.PathLike, Dataset, None] = None,
+    *,
+    steps: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    lr: Optional[float] = None,
+    warmup_steps: Optional[int] = None,
+    weight_decay: float = 0.0,
+    grad_clip: Optional[float] = 1.0,
+    ema_decay: Optional[float] = None,
+    seed: int = 0,
+    schedule: Union[str, NoiseSchedule] = "linear",
+    num_timesteps: int = 1000,
+    prediction_type: str = "epsilon",
+    variance_type: Optional[str] = None,
+    loss_type: Optional[str] = None,
+    vlb_weight: float = 0.001,
+    model_overrides: Optional[Dict[str, Any]] = None,
+    data_options: Optional[Dict[str, Any]] = None,
+    out: Optional[Union[str, os.PathLike]] = None,
+    ckpt_every: Optional[int] = None,
+    sample_every: Optional[int] = None,
+    sample_steps: int = 100,
+    num_samples: int = 64,
+    log_every: Optional[int] = None,
+    resume: Union[bool, str, os.PathLike] = False,
+    device: Optional[Union[str, torch.device]] = None,
+    precision: str = "auto",
+    progress: bool = True,
+    callback: Optional[Callable[[int, torch.Tensor], None]] = None,
+) -> TrainResult:
+    """Train a model of ``preset`` (``digits``, ``ddpm_cifar10``, ``toy2d``) on ``data``.
+
+    The loss is L_simple on the prediction target (``prediction_type`` epsilon / sample /
+    v_prediction); with a learned variance (``variance_type`` ``learned_range`` or
+    ``learned``, which also switches the model to 2C outputs) the default is the hybrid loss
+    ``L_simple + vlb_weight * T * L_t``; ``loss_type="vlb"`` trains on the bound itself. Timesteps
+    are uniform; noised inputs come from :func:`fastddpm.ops.q_sample` (the Triton kernel on
+    CUDA). AdamW with linear warm-up to ``lr`` and gradient-norm clipping at ``grad_clip``; an EMA
+    of the weights (``torch.optim.swa_utils.AveragedModel``); bf16 autocast on CUDA by default.
+
+    With ``out`` set, writes ``out/checkpoint.safetensors`` (full state, atomically) every
+    ``ckpt_every`` steps and at the end, ``out/ema.safetensors`` (EMA weights + config, what
+    :func:`fastddpm.load_pretrained` reads) at the end, ``out/log.jsonl``, and a sample grid
+    ``out/samples/step_XXXXXXX.png`` every ``sample_every`` steps (``sample_steps``-step DDPM).
+    ``resume=True`` continues from ``out/checkpoint.safetensors`` if it exists; a path resumes
+    from that file. ``steps`` is the total number of steps, counting those already done.
+    ``callback(step, loss)`` runs after every step (``loss`` a detached tensor). Unset
+    arguments take the preset's :data:`TRAINING_DEFAULTS`.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
+    defaults = TRAINING_DEFAULTS[preset]
+    data = defaults["data"] if data is None else data
+    if data is None:
+        raise ValueError(f"preset {preset!r} has no default data; pass data (a dataset name or path)")
+    steps = _positive_int("steps", defaults["steps"] if steps is None else steps)
+    batch_size = _positive_int("batch_size", defaults["batch_size"] if batch_size is None else batch_size)
+    lr = _positive_float("lr", defaults["lr"] if lr is None else lr)
+    warmup_steps = _positive_int("warmup_steps", defaults["warmup_steps"] if warmup_steps is None else warmup_steps,
+                                 allow_zero=True)
+    weight_decay = _positive_float("weight_decay", weight_decay, allow_zero=True)
+    if grad_clip is not None:
+        grad_clip = _positive_float("grad_clip", grad_clip)
+    ema_decay = defaults["ema_decay"] if ema_decay is None else ema_decay
+    if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) or not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    ckpt_every = _positive_int("ckpt_every", defaults["ckpt_every"] if ckpt_every is None else ckpt_every, allow_zero=True)
+    sample_every = _positive_int("sample_every", defaults["sample_every"] if sample_every is None else sample_every,
+                                 allow_zero=True)
+    log_every = _positive_int("log_every", defaults["log_every"] if log_every is None else log_every)
+    sample_steps = _positive_int("sample_steps", sample_steps)
+    num_samples = _positive_int("num_samples", num_samples)
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    overrides = dict(model_overrides or {})
+    if variance_type is None:
+        variance_type = "learned_range" if overrides.get("learned_variance") else "fixed_small"
+    if variance_type not in VARIANCE_TYPES:
+        raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
+    learned = variance_type in LEARNED_VARIANCE_TYPES
+    if overrides.get("learned_variance", learned) != learned:
+        raise ValueError(f"model_overrides learned_variance={overrides['learned_variance']} contradicts "
+                         f"variance_type={variance_type!r}")
+    overrides["learned_variance"] = learned
+    if loss_type is None:
+        loss_type = "hybrid" if learned else "simple"
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type == "simple" and learned:
+        raise ValueError(f"variance_type={variance_type!r} needs loss_type 'hybrid' or 'vlb'")
+    if loss_type == "hybrid" and not learned:
+        raise ValueError("loss_type='hybrid' needs a learned variance (variance_type='learned_range')")
+    vlb_weight = _positive_float("vlb_weight", vlb_weight, allow_zero=True)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if isinstance(schedule, NoiseSchedule):
+        noise_schedule, schedule_name = schedule, "custom"
+    elif isinstance(schedule, str):
+        if schedule not in BETA_SCHEDULES:
+            raise ValueError(f"schedule must be one of {BETA_SCHEDULES} or a NoiseSchedule, got {schedule!r}")
+        noise_schedule, schedule_name = NoiseSchedule.from_name(schedule, _positive_int("num_timesteps", num_timesteps)), schedule
+    else:
+        raise TypeError(f"schedule must be a schedule name or a NoiseSchedule, got {type(schedule).__name__}")
+    if callback is not None and not callable(callback):
+        raise TypeError("callback must be callable")
+    out = Path(out) if out is not None else None
+    resume_path: Optional[Path] = None
+    if resume is not False and resume is not None:
+        if resume is True:
+            if out is None:
+                raise ValueError("resume=True needs out (the run folder holding checkpoint.safetensors)")
+            candidate = out / CHECKPOINT_NAME
+            resume_path = candidate if candidate.exists() else None
+        else:
+            resume_path = Path(resume)
+            if not resume_path.exists():
+                raise FileNotFoundError(f"resume checkpoint {str(resume_path)!r} does not exist")
+
+    # ---- data and model
+    architecture = PRESETS[preset]["architecture"]
+    options = dict(data_options or {})
+    if isinstance(data, Dataset):
+        dataset = data
+    else:
+        if architecture == "unet" and "image_size" not in options and data != "digits":
+            options["image_size"] = overrides.get("image_size", PRESETS[preset]["image_size"])
+        if architecture == "unet" and "channels" not in options and data != "digits":
+            options["channels"] = overrides.get("in_channels", PRESETS[preset]["in_channels"])
+        dataset = load_dataset(data, **options)
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty")
+    if architecture == "unet":
+        if not dataset.is_image:
+            raise ValueError(f"preset {preset!r} is an image model but data {dataset.name!r} has sample shape "
+                             f"{dataset.sample_shape}; use preset 'toy2d' for points")
+        channels, height, width = dataset.sample_shape
+        if height != width:
+            raise ValueError(f"images must be square, got {height}x{width}")
+        overrides.setdefault("in_channels", channels)
+        overrides.setdefault("image_size", height)
+    else:
+        if dataset.is_image or len(dataset.sample_shape) != 1:
+            raise ValueError(f"preset {preset!r} is for vectors [N, D], got data of sample shape {dataset.sample_shape}")
+        overrides.setdefault("dim", dataset.sample_shape[0])
+
+    rank, world_size, device, created_group = _distributed_setup(device)
+    try:
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes {world_size}")
+        amp_dtype = _amp_dtype(precision, device)
+        # Training reseeds the global generator every step (dropout); the caller's state is restored.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return _train_loop(
+                preset=preset, dataset=dataset, overrides=overrides, noise_schedule=noise_schedule,
+                schedule_name=schedule_name, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+                weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay, seed=seed,
+                prediction_type=prediction_type, variance_type=variance_type, loss_type=loss_type,
+                vlb_weight=vlb_weight, out=out, ckpt_every=ckpt_every, sample_every=sample_every,
+                sample_steps=sample_steps, num_samples=num_samples, log_every=log_every, resume_path=resume_path,
+                device=device, precision=precision, amp_dtype=amp_dtype, progress=progress, callback=callback,
+                rank=rank, world_size=world_size)
+    finally:
+        if created_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train_loop(*, preset, dataset, overrides, noise_schedule, schedule_name, steps, batch_size, lr, warmup_steps,
+                weight_decay, grad_clip, ema_decay, seed, prediction_type, variance_type, loss_type, vlb_weight,
+                out, ckpt_every, sample_every, sample_steps, num_samples, log_every, resume_path, device, precision,
+                amp_dtype, progress, callback, rank, world_size) -> TrainResult:
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(derive_seed(seed, _STREAM_INIT))
+    raw_model = create_model(preset, **overrides)
+    if tuple(dataset.sample_shape)[0] != getattr(raw_model, "in_channels", dataset.sample_shape[0]):
+        raise ValueError(f"the model takes {raw_model.in_channels} channels but the data has {dataset.sample_shape[0]}")
+    raw_model.to(device).train()
+    config = {
+        "preset": preset,
+        "model": raw_model.config,
+        "diffusion": dict(schedule=schedule_name, num_timesteps=noise_schedule.num_timesteps,
+                          prediction_type=prediction_type, variance_type=variance_type, loss_type=loss_type,
+                          vlb_weight=vlb_weight),
+        "sample_shape": list(dataset.sample_shape),
+        "data": dict(name=dataset.name, size=len(dataset), random_flip=dataset.random_flip, **dataset.info),
+        "training": dict(seed=seed, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+                         weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay, precision=precision,
+                         world_size=world_size),
+    }
+    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
+    ema = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    start_step = 0
+    if resume_path is not None:
+        checkpoint = load_checkpoint(resume_path, model=raw_model, ema=ema.module, optimizer=optimizer, device=device)
+        _check_resumable(checkpoint.config, config, resume_path)
+        start_step = checkpoint.step
+        ema.n_averaged.fill_(int(checkpoint.extra.get("ema_n_averaged", start_step)))
+        if scaler is not None and "grad_scaler" in checkpoint.extra:
+            scaler.load_state_dict(checkpoint.extra["grad_scaler"])
+        if checkpoint.rng_state is not None:
+            restore_rng_state(checkpoint.rng_state)
+
+    model: nn.Module = raw_model
+    if world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    is_main = rank == 0
+    log_file = None
+    if out is not None and is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        log_file = open(out / "log.jsonl", "a", encoding="utf-8")
+
+    def write_checkpoint(step: int) -> None:
+        if out is None:
+            return
+        if is_main:
+            extra = {"ema_n_averaged": int(ema.n_averaged.item())}
+            if scaler is not None:
+                extra["grad_scaler"] = scaler.state_dict()
+            save_checkpoint(out / CHECKPOINT_NAME, config=config, schedule=noise_schedule, model=raw_model,
+                            ema=ema.module, optimizer=optimizer, step=step, rng_state=capture_rng_state(), extra=extra)
+        if world_size > 1:
+            torch.distributed.barrier()
+
+    order = _DataOrder(len(dataset), seed)
+    local = batch_size // world_size
+    local_slice = slice(rank * local, (rank + 1) * local)
+    sample_shape = tuple(dataset.sample_shape)
+    data_on_device = dataset.data.to(device) if dataset.data.numel() * dataset.data.element_size() < 2**30 else None
+    if data_on_device is not None:
+        dataset = Dataset(data_on_device, dataset.name, dataset.labels, dataset.random_flip, dataset.info)
+    losses: List[Tuple[int, float]] = []
+    running_loss = torch.zeros((), device=device)
+    running_count = 0
+    last_grad_norm = torch.zeros((), device=device)
+    started = time.perf_counter()
+    bar = tqdm(total=steps, initial=start_step, disable=not (progress and is_main), desc="train", dynamic_ncols=True)
+    batch_generator = torch.Generator()
+    noise_generator = torch.Generator(device=device)
+
+    step = start_step
+    try:
+        for step in range(start_step, steps):
+            # Everything random about this step derives from (seed, step): see the module docstring.
+            batch_generator.manual_seed(derive_seed(seed, _STREAM_BATCH, step))
+            noise_generator.manual_seed(derive_seed(seed, _STREAM_BATCH, step))
+            torch.manual_seed(derive_seed(seed, _STREAM_DROPOUT, step, rank))
+            indices = order.indices(step * batch_size, batch_size)
+            x0 = dataset.batch(indices, batch_generator)[local_slice]
+            t = torch.randint(0, noise_schedule.num_timesteps, (batch_size,), generator=noise_generator,
+                              device=device)[local_slice]
+            noise = torch.randn((batch_size, *sample_shape), generator=noise_generator, device=device)[local_slice]
+            x0 = x0.to(device, non_blocking=True)
+            x_t = ops.q_sample(x0, t, noise_schedule, noise=noise)
+
+            for group in optimizer.param_groups:
+                group["lr"] = lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                model_output = model(x_t, noise_schedule.timesteps.to(device)[t])
+            per_sample, _ = training_losses(model_output.float(), x0, x_t, noise, t, noise_schedule,
+                                            loss_type=loss_type, prediction_type=prediction_type,
+                                            variance_type=variance_type, vlb_weight=vlb_weight)
+            loss = per_sample.mean()
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if grad_clip is not None:
+                last_grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            ema.update_parameters(raw_model)
+
+            done = step + 1
+            running_loss += loss.detach()
+            running_count += 1
+            bar.update(1)
+            if done % log_every == 0 or done == steps:
+                mean_loss = (running_loss / running_count).item()
+                if world_size > 1:
+                    reduced = torch.tensor([mean_loss], device=device)
+                    torch.distributed.all_reduce(reduced)
+                    mean_loss = reduced.item() / world_size
+                losses.append((done, mean_loss))
+                running_loss.zero_()
+                running_count = 0
+                if is_main:
+                    record = dict(step=done, loss=mean_loss, lr=optimizer.param_groups[0]["lr"],
+                                  grad_norm=float(last_grad_norm), seconds=round(time.perf_counter() - started, 2))
+                    bar.set_postfix(loss=f"{mean_loss:.4f}")
+                    if log_file is not None:
+                        log_file.write(json.dumps(record) + "\n")
+                        log_file.flush()
+            if ckpt_every and done % ckpt_every == 0 and done != steps:
+                write_checkpoint(done)
+            if out is not None and is_main and sample_every and dataset.is_image and done % sample_every == 0:
+                _save_sample_grid(ema.module, noise_schedule, config, out / "samples" / f"step_{done:07d}.png",
+                                  seed, num_samples, sample_steps, device)
+            if callback is not None:
+                callback(done, loss.detach())
+        final_step = max(steps, start_step)
+        if out is not None:
+            if start_step < steps or not (out / CHECKPOINT_NAME).exists():
+                write_checkpoint(final_step)
+            if is_main:
+                save_checkpoint(out / EMA_NAME, config=config, schedule=noise_schedule, ema=ema.module, step=final_step)
+    finally:
+        bar.close()
+        if log_file is not None:
+            log_file.close()
+    ema_model = ema.module
+    ema_model.eval()
+    return TrainResult(model=raw_model, ema_model=ema_model, step=max(steps, start_step), config=config,
+                       schedule=noise_schedule, losses=losses, out=out, wall_seconds=time.perf_counter() - started)
+
+
+def _check_resumable(saved: Dict[str, Any], current: Dict[str, Any], path: Path) -> None:
+    """A run resumes only with the settings that decide its trajectory (the step count may grow)."""
+    checks = [("model", saved.get("model"), current["model"]),
+              ("diffusion", saved.get("diffusion"), current["diffusion"]),
+              ("sample_shape", saved.get("sample_shape"), current["sample_shape"]),
+              ("data", saved.get("data"), current["data"])]
+    for key in ("seed", "batch_size", "lr", "warmup_steps", "weight_decay", "grad_clip", "ema_decay"):
+        checks.append((f"training.{key}", (saved.get("training") or {}).get(key), current["training"][key]))
+    for name, old, new in checks:
+        if json.loads(json.dumps(old)) != json.loads(json.dumps(new)):
+            raise CheckpointError(f"cannot resume from {str(path)!r}: its {name} is {old!r} but this run has {new!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# command line: fastddpm train
+# ---------------------------------------------------------------------------------------------
+def _parse_model_arg(text: str) -> Tuple[str, Any]:
+    if "=" not in text:
+        raise ValueError(f"--model-arg takes KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def configure_parser(parser) -> None:
+    parser.add_argument("--preset", default="digits", choices=tuple(PRESETS), help="model preset (default digits)")
+    parser.add_argument("--data", default=None,
+                        help="digits, moons, swiss_roll, 8gaussians, a folder of images or a .npy/.npz file "
+                             "(default: the preset's)")
+    parser.add_argument("--out", default=None, help="run folder for checkpoints, log and sample grids "
+                                                    "(default runs/<preset>)")
+    parser.add_argument("--steps", type=int, default=None, help="total optimisation steps")
+    parser.add_argument("--batch-size", type=int, default=None, help="global batch size (split over processes)")
+    parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate after warm-up")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="linear learning-rate warm-up steps")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (0 disables)")
+    parser.add_argument("--ema-decay", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--schedule", default="linear", choices=BETA_SCHEDULES)
+    parser.add_argument("--num-timesteps", type=int, default=1000)
+    parser.add_argument("--prediction-type", default="epsilon", choices=PREDICTION_TYPES)
+    parser.add_argument("--variance-type", default=None, choices=VARIANCE_TYPES,
+                        help="fixed_small (default) or learned_range (hybrid loss, 2C outputs)")
+    parser.add_argument("--loss", dest="loss_type", default=None, choices=LOSS_TYPES)
+    parser.add_argument("--vlb-weight", type=float, default=0.001, help="lambda of the hybrid loss")
+    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a model preset argument, e.g. --model-arg ch=64 --model-arg dropout=0.1")
+    parser.add_argument("--image-size", type=int, default=None, help="image side for folder / array data")
+    parser.add_argument("--channels", type=int, default=None, choices=(1, 3), help="channels for folder data")
+    parser.add_argument("--flip", dest="random_flip", action="store_true", default=None, help="random horizontal flips")
+    parser.add_argument("--no-flip", dest="random_flip", action="store_false")
+    parser.add_argument("--ckpt-every", type=int, default=None, help="checkpoint every N steps (0: only at the end)")
+    parser.add_argument("--sample-every", type=int, default=None, help="sample grid every N steps (0: never)")
+    parser.add_argument("--sample-steps", type=int, default=100, help="DDPM steps for the sample grids")
+    parser.add_argument("--log-every", type=int, default=None)
+    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                        help="continue from OUT/checkpoint.safetensors (or the given file)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def run(args) -> int:
+    try:
+        overrides = dict(_parse_model_arg(text) for text in args.model_arg)
+        data_options = {}
+        if args.image_size is not None:
+            data_options["image_size"] = args.image_size
+        if args.channels is not None:
+            data_options["channels"] = args.channels
+        if args.random_flip is not None:
+            data_options["random_flip"] = args.random_flip
+        out = args.out if args.out is not None else os.path.join("runs", args.preset)
+        result = train(
+            args.preset, args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+            warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+            grad_clip=args.grad_clip if args.grad_clip and args.grad_clip > 0 else None, ema_decay=args.ema_decay,
+            seed=args.seed, schedule=args.schedule, num_timesteps=args.num_timesteps,
+            prediction_type=args.prediction_type, variance_type=args.variance_type, loss_type=args.loss_type,
+            vlb_weight=args.vlb_weight, model_overrides=overrides, data_options=data_options, out=out,
+            ckpt_every=args.ckpt_every, sample_every=args.sample_every, sample_steps=args.sample_steps,
+            log_every=args.log_every, resume=args.resume, device=args.device, precision=args.precision,
+            progress=args.progress,
+        )
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        print(f"fastddpm train: error: {error}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        last = f", final loss {result.losses[-1][1]:.4f}" if result.losses else ""
+        print(f"trained {result.step} steps in {result.wall_seconds:.1f} s{last}; "
+              f"checkpoint {result.out / CHECKPOINT_NAME}, EMA weights {result.out / EMA_NAME}")
+    return 0
