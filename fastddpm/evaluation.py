@@ -1,0 +1,509 @@
+"""Evaluation: the DDPM variational bound in bits/dim, sample-quality metrics, ``fastddpm eval``.
+
+The bound is the paper's (Ho et al. 2020, eq. 5) for the discrete data x_0:
+
+    L = L_T + sum_{t>=2} L_{t-1} + L_0
+    L_T     = KL(q(x_T | x_0) || N(0, I))
+    L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t))     (both Gaussian: closed form)
+    L_0     = -log p(x_0 | x_1)                                  (discretized Gaussian, 256 bins)
+
+each in nats summed over dimensions, reported in bits/dim (divided by ``log(2) * dims``). The
+expectation over x_t is one Monte Carlo draw per (image, t), from a Philox stream keyed by
+``seed`` and t, so the result does not depend on how the work is batched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from . import reference
+from .losses import normal_kl, p_mean_variance, posterior_mean_variance
+from .reference import PREDICTION_TYPES, VARIANCE_TYPES
+from .schedule import NoiseSchedule
+
+__all__ = [
+    "BoundResult",
+    "variational_bound",
+    "discretized_gaussian_log_likelihood",
+    "snap_to_8bit",
+    "evaluate_digit_samples",
+    "evaluate_toy_samples",
+    "configure_parser",
+    "run",
+]
+
+NUM_BINS = 256  # the decoder's bins: x_0 is treated as 8-bit data scaled to [-1, 1]
+_BIN_HALF_WIDTH = 1.0 / (NUM_BINS - 1)  # half the spacing of the 256 levels on [-1, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Gaussian pieces of the bound
+# ---------------------------------------------------------------------------------------------
+def _log_normal_cdf_difference(upper: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
+    """log(Phi(upper) - Phi(lower)) for upper > lower, accurate in both tails.
+
+    In the upper tail both CDFs round to 1, so use the reflection Phi(b) - Phi(a) =
+    Phi(-a) - Phi(-b); in either tail the difference is taken in log space.
+    """
+    flip = lower > 0
+    a = torch.where(flip, -upper, lower)
+    b = torch.where(flip, -lower, upper)
+    log_b = torch.special.log_ndtr(b)
+    log_a = torch.special.log_ndtr(a)
+    # log(e^log_b - e^log_a) = log_b + log(-expm1(log_a - log_b)), with log_a <= log_b.
+    return log_b + torch.log(-torch.expm1((log_a - log_b).clamp_max(0.0)))
+
+
+def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
+    """log P(x) per element under N(means, exp(log_scales)^2) discretized to 256 bins on [-1, 1].
+
+    ``x`` must lie on the 256-level grid (see :func:`snap_to_8bit`). Each level owns the interval
+    of half-width 1/255 around it; the first and last levels also own the tails, so the
+    probabilities of the 256 levels sum to one.
+    """
+    x, means, log_scales = torch.broadcast_tensors(x, means, log_scales)
+    inv_scale = torch.exp(-log_scales)
+    upper = (x - means + _BIN_HALF_WIDTH) * inv_scale
+    lower = (x - means - _BIN_HALF_WIDTH) * inv_scale
+    infinity = torch.full_like(upper, math.inf)
+    upper = torch.where(x > 1.0 - _BIN_HALF_WIDTH, infinity, upper)  # last level: up to +inf
+    lower = torch.where(x < -1.0 + _BIN_HALF_WIDTH, -infinity, lower)  # first level: from -inf
+    return _log_normal_cdf_difference(upper, lower)
+
+
+def snap_to_8bit(x: torch.Tensor) -> torch.Tensor:
+    """Round values in [-1, 1] to the nearest of the 256 levels the decoder is defined on."""
+    return torch.round((x.clamp(-1.0, 1.0) + 1.0) * ((NUM_BINS - 1) / 2.0)) * (2.0 / (NUM_BINS - 1)) - 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# the bound
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class BoundResult:
+    """The variational bound of a set of images, in bits/dim.
+
+    ``terms[i]`` is the mean over images of the term at schedule index ``i`` (model timestep
+    ``timesteps[i]``): ``terms[0]`` is the decoder L_0, ``terms[i]`` for i >= 1 is the KL term
+    L_i of the paper. ``prior`` is L_T. ``per_image`` is every image's total.
+    """
+
+    bits_per_dim: float
+    prior: float
+    decoder: float
+    diffusion: float
+    terms: torch.Tensor
+    x0_mse: torch.Tensor
+    per_image: torch.Tensor
+    timesteps: torch.Tensor
+    num_images: int
+    dims: int
+    seconds: float
+
+    def to_dict(self, with_terms: bool = True) -> Dict[str, Any]:
+        out: Dict[str, Any] = dict(bits_per_dim=self.bits_per_dim, prior=self.prior, decoder=self.decoder,
+                                   diffusion=self.diffusion, num_images=self.num_images, dims=self.dims,
+                                   per_image_std=float(self.per_image.std()) if self.num_images > 1 else 0.0,
+                                   seconds=self.seconds)
+        if with_terms:
+            out.update(terms=self.terms.tolist(), x0_mse=self.x0_mse.tolist(), timesteps=self.timesteps.tolist())
+        return out
+
+
+def _model_device_dtype(model, x0: torch.Tensor):
+    """Where and in which dtype to call the model: its parameters', else x0's (plain callables)."""
+    params = getattr(model, "parameters", None)
+    param = next(iter(params()), None) if callable(params) else None
+    if param is None:
+        return x0.device, x0.dtype
+    return param.device, (param.dtype if param.dtype.is_floating_point else torch.float32)
+
+
+def _call_model(model, x_t: torch.Tensor, model_t: torch.Tensor, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
+    outputs = [model(x.to(dtype), t) for x, t in zip(x_t.split(batch_size), model_t.split(batch_size))]
+    return torch.cat(outputs).to(torch.float64)
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+@torch.no_grad()
+def variational_bound(
+    model,
+    x0: torch.Tensor,
+    schedule: NoiseSchedule,
+    *,
+    prediction_type: str = "epsilon",
+    variance_type: str = "fixed_small",
+    clip_denoised: bool = True,
+    seed: int = 0,
+    batch_size: int = 2048,
+    progress: bool = False,
+) -> BoundResult:
+    """Negative ELBO of ``x0`` (images [N, ...] in [-1, 1]) under a DDPM, in bits/dim.
+
+    ``model(x_t, t)`` is called with the trained timesteps ``schedule.timesteps[i]`` (so a
+    respaced schedule gives the bound of the shorter chain); it returns the prediction named by
+    ``prediction_type``, followed along dim 1 by the variance channels for learned variances.
+    The reverse mean is the posterior mean at the predicted x_0 (clipped to [-1, 1] with
+    ``clip_denoised``, as in sampling). Mean and variance of every reverse step come from
+    :func:`fastddpm.losses.p_mean_variance`, the decoder's included: for ``fixed_small`` its
+    variance is the clipped posterior variance (beta~_1 is 0, so beta~_2 stands in, as in the DDPM
+    code), for ``fixed_large`` it is beta_1, for learned variances the model's output at t = 1.
+
+    ``x0`` is snapped to the 256 levels the decoder is defined on. Each model call evaluates
+    up to ``batch_size`` (image, t) pairs, stacking many t per call. Returns a
+    :class:`BoundResult` with the total, L_T, L_0, the sum of the KL terms and the per-t terms.
+    """
+    if not callable(model):
+        raise TypeError(f"model must be callable as model(x_t, t), got {type(model).__name__}")
+    if not isinstance(x0, torch.Tensor):
+        raise TypeError(f"x0 must be a tensor, got {type(x0).__name__}")
+    if x0.ndim < 2 or x0.shape[0] < 1 or not x0.dtype.is_floating_point:
+        raise ValueError(f"x0 must be a floating tensor [N, ...] with N >= 1, got {x0.dtype} {tuple(x0.shape)}")
+    if not torch.isfinite(x0).all() or x0.abs().max() > 1.0 + 1e-6:
+        raise ValueError("x0 must hold finite values in [-1, 1]")
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    if variance_type not in VARIANCE_TYPES:
+        raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
+    _check_int("batch_size", batch_size, 1)
+    _check_int("seed", seed, 0)
+
+    start_time = time.perf_counter()
+    device, model_dtype = _model_device_dtype(model, x0)
+    was_training = getattr(model, "training", None)
+    if was_training:
+        model.eval()
+    x0 = snap_to_8bit(x0.detach().to(device=device, dtype=torch.float64))
+    num_images = x0.shape[0]
+    dims = x0[0].numel()
+    nats_to_bpd = 1.0 / (math.log(2.0) * dims)
+    num_steps = schedule.num_timesteps
+
+    terms = torch.zeros(num_images, num_steps, dtype=torch.float64, device=device)
+    x0_mse = torch.zeros(num_images, num_steps, dtype=torch.float64, device=device)
+    steps_per_chunk = max(1, batch_size // num_images)
+    chunks = range(0, num_steps, steps_per_chunk)
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc="bound", unit="chunk")
+    try:
+        for first in chunks:
+            index = torch.arange(first, min(first + steps_per_chunk, num_steps), device=device)
+            t = index.repeat_interleave(num_images)  # pairs ordered (t, image)
+            x_start = x0.repeat((index.numel(),) + (1,) * (x0.ndim - 1))
+            noise = torch.cat([reference.philox_randn(x0.shape, seed, int(i), device=device, dtype=torch.float64)
+                               for i in index.tolist()])
+            x_t, _ = reference.q_sample(x_start, t, schedule, noise)
+            output = _call_model(model, x_t, schedule.timesteps.to(device)[t], batch_size, model_dtype)
+            model_mean, model_logvar, x0_pred = p_mean_variance(
+                output, x_t, t, schedule, prediction_type=prediction_type, variance_type=variance_type,
+                clip_denoised=clip_denoised)
+            posterior_mean, _, posterior_logvar = posterior_mean_variance(schedule, x_start, x_t, t)
+            nats = normal_kl(posterior_mean, posterior_logvar, model_mean, model_logvar).flatten(1).sum(1)
+            at_zero = t == 0
+            if at_zero.any():
+                log_likelihood = discretized_gaussian_log_likelihood(
+                    x_start[at_zero], model_mean[at_zero], 0.5 * model_logvar[at_zero])
+                nats[at_zero] = -log_likelihood.flatten(1).sum(1)
+            terms[:, index] = (nats * nats_to_bpd).reshape(index.numel(), num_images).T
+            x0_mse[:, index] = ((x0_pred - x_start) ** 2).flatten(1).mean(1).reshape(index.numel(), num_images).T
+    finally:
+        if was_training:
+            model.train()
+
+    # L_T: q(x_T | x_0) = N(sqrt(alpha_bar_T) x_0, 1 - alpha_bar_T) against N(0, I).
+    prior_nats = normal_kl(float(schedule.sqrt_alphas_cumprod[-1]) * x0,
+                           float(schedule.log_one_minus_alphas_cumprod[-1]) * torch.ones_like(x0),
+                           torch.zeros_like(x0), torch.zeros_like(x0)).flatten(1).sum(1)
+    prior = prior_nats * nats_to_bpd
+    per_image = terms.sum(1) + prior
+    mean_terms = terms.mean(0)
+    return BoundResult(
+        bits_per_dim=float(per_image.mean()),
+        prior=float(prior.mean()),
+        decoder=float(mean_terms[0]),
+        diffusion=float(mean_terms[1:].sum()),
+        terms=mean_terms.cpu(),
+        x0_mse=x0_mse.mean(0).cpu(),
+        per_image=per_image.cpu(),
+        timesteps=schedule.timesteps.clone(),
+        num_images=num_images,
+        dims=dims,
+        seconds=time.perf_counter() - start_time,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# sample quality
+# ---------------------------------------------------------------------------------------------
+# Seeds of the "fresh" toy draws, far from the small seeds training uses.
+_TOY_REFERENCE_SEED = 1_000_000
+
+
+def evaluate_digit_samples(
+    samples: torch.Tensor,
+    *,
+    seed: int = 0,
+    classifier=None,
+    cache_dir=None,
+) -> Dict[str, Any]:
+    """Quality of digit samples [N, 1, S, S] in [-1, 1] measured with the project's classifier.
+
+    ``fd``: Frechet distance between the classifier features of the samples and of the 300
+    held-out digits; ``fd_floor``: the same for ``min(N, 1497)`` training digits (drawn with
+    ``seed``) against the held-out digits, i.e. what real data scores at that size. Also the
+    classifier's accuracy on the held-out digits, the class histogram and mean max-probability
+    of the samples (and, for reference, of the held-out digits).
+    """
+    from .data import load_digits
+    from .metrics import classifier_statistics, frechet_distance, load_digit_classifier
+
+    if not isinstance(samples, torch.Tensor) or samples.ndim != 4 or samples.shape[1] != 1 \
+            or samples.shape[2] != samples.shape[3]:
+        got = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
+        raise ValueError(f"samples must be digit images [N, 1, S, S], got {got}")
+    if samples.shape[0] < 2:
+        raise ValueError(f"samples must hold at least 2 images, got {samples.shape[0]}")
+    _check_int("seed", seed, 0)
+    image_size = samples.shape[-1]
+    train_images, train_labels = load_digits("train", image_size=image_size)
+    heldout_images, heldout_labels = load_digits("test", image_size=image_size)
+    if classifier is None:
+        classifier = load_digit_classifier(cache_dir, images=train_images, labels=train_labels)
+    heldout_features, heldout_probs = classifier.embed(heldout_images)
+    sample_features, sample_probs = classifier.embed(samples.float().cpu())
+    floor_size = min(samples.shape[0], train_images.shape[0])
+    subset = torch.randperm(train_images.shape[0], generator=torch.Generator().manual_seed(seed))[:floor_size]
+    train_features, _ = classifier.embed(train_images[subset])
+    heldout_stats = classifier_statistics(heldout_probs, heldout_labels)
+    sample_stats = classifier_statistics(sample_probs)
+    return dict(
+        fd=frechet_distance(sample_features, heldout_features),
+        fd_floor=frechet_distance(train_features, heldout_features),
+        num_samples=int(samples.shape[0]),
+        num_heldout=int(heldout_images.shape[0]),
+        floor_size=int(floor_size),
+        class_histogram=sample_stats["class_histogram"],
+        mean_max_probability=sample_stats["mean_max_probability"],
+        heldout_accuracy=heldout_stats["accuracy"],
+        heldout_class_histogram=heldout_stats["class_histogram"],
+        heldout_mean_max_probability=heldout_stats["mean_max_probability"],
+        fraction_outside_unit_range=float((samples.abs() > 1.0).double().mean()),
+    )
+
+
+def evaluate_toy_samples(samples: torch.Tensor, name: str, *, seed: int = 0,
+                         num_projections: int = 512) -> Dict[str, Any]:
+    """Distance of 2-D samples [N, 2] to a fresh draw of ``name`` (``fastddpm.data.toy2d``).
+
+    Sliced Wasserstein-2 and energy distance to N fresh points; the floors are the same
+    distances between two independent fresh draws of N points (what a perfect sampler scores).
+    """
+    from .data import toy2d
+    from .metrics import energy_distance, sliced_wasserstein_distance
+
+    if not isinstance(samples, torch.Tensor) or samples.ndim != 2 or samples.shape[1] != 2 or samples.shape[0] < 2:
+        got = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
+        raise ValueError(f"samples must be 2-D points [N, 2] with N >= 2, got {got}")
+    _check_int("seed", seed, 0)
+    n = samples.shape[0]
+    reference_points = toy2d(name, n, seed=_TOY_REFERENCE_SEED + 2 * seed)
+    other_points = toy2d(name, n, seed=_TOY_REFERENCE_SEED + 2 * seed + 1)
+    samples = samples.detach().cpu().double()
+    projections = dict(num_projections=num_projections, seed=seed)
+    return dict(
+        sliced_wasserstein=sliced_wasserstein_distance(samples, reference_points, **projections),
+        sliced_wasserstein_floor=sliced_wasserstein_distance(other_points, reference_points, **projections),
+        energy_distance=energy_distance(samples, reference_points),
+        energy_distance_floor=energy_distance(other_points, reference_points),
+        num_samples=int(n),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# fastddpm eval
+# ---------------------------------------------------------------------------------------------
+_DIGITS = "digits"
+
+
+def configure_parser(parser) -> None:
+    import argparse
+
+    parser.add_argument("--checkpoint", default=None, help="checkpoint file (default: the shipped digits model)")
+    parser.add_argument("--data", default=None,
+                        help="digits, moons, swiss_roll or 8gaussians (default: the checkpoint's training data)")
+    parser.add_argument("--num-samples", type=int, default=300,
+                        help="samples to draw for the quality metrics; 0 skips them (default 300)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the full chain)")
+    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm", help="default ddpm")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of sampling, the bound and the floors (default 0)")
+    parser.add_argument("--clip-denoised", action=argparse.BooleanOptionalAction, default=None,
+                        help="clip the predicted x_0 to [-1, 1] (default: the checkpoint's diffusion config, else "
+                             "on for images and off for 2-D points, whose data extend beyond [-1, 1])")
+    parser.add_argument("--bound", action=argparse.BooleanOptionalAction, default=True,
+                        help="compute the bits/dim bound on the held-out digits (default on; images only)")
+    parser.add_argument("--bound-images", type=int, default=None,
+                        help="held-out images in the bound (default all 300)")
+    parser.add_argument("--batch-size", type=int, default=2048, help="(image, t) pairs per model call in the bound")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--classifier-cache", default=None,
+                        help="folder caching the digit classifier (default $FASTDDPM_CACHE or ~/.cache/fastddpm)")
+    parser.add_argument("--json", dest="json_path", default=None, help="write every number to this JSON file")
+    parser.add_argument("--progress", action="store_true", help="show progress bars")
+
+
+def _data_name(config: Dict[str, Any]) -> Optional[str]:
+    data = config.get("data")
+    if isinstance(data, dict):
+        data = data.get("name") or data.get("data") or data.get("dataset")
+    return data if isinstance(data, str) else None
+
+
+def _check_args(args) -> None:
+    from .data import TOY2D_NAMES
+
+    if args.data is not None and args.data not in (_DIGITS,) + tuple(TOY2D_NAMES):
+        raise ValueError(f"--data must be one of {(_DIGITS,) + tuple(TOY2D_NAMES)}, got {args.data!r}")
+    if args.num_samples < 0 or args.num_samples == 1:
+        raise ValueError(f"--num-samples must be 0 (skip) or >= 2, got {args.num_samples}")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.eta < 0:
+        raise ValueError(f"--eta must be >= 0, got {args.eta}")
+    if args.eta > 0 and args.sampler != "ddim":
+        raise ValueError("--eta applies to --sampler ddim only")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    if args.bound_images is not None and args.bound_images < 1:
+        raise ValueError(f"--bound-images must be >= 1, got {args.bound_images}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+
+
+def _print_report(report: Dict[str, Any]) -> None:
+    rows: List[tuple] = [("checkpoint", report["checkpoint"]), ("data", report["data"])]
+    quality = report.get("quality")
+    if quality is not None:
+        rows.append(("sampler", f"{report['sampler']}, {report['steps']} steps"
+                     + (f", eta {report['eta']}" if report["sampler"] == "ddim" else "")
+                     + f", seed {report['seed']}, {report['sample_seconds']:.1f} s"))
+        if report["data"] == _DIGITS:
+            rows += [
+                ("FD (samples vs held-out)",
+                 f"{quality['fd']:.2f}  ({quality['num_samples']} vs {quality['num_heldout']})"),
+                ("FD floor (train vs held-out)",
+                 f"{quality['fd_floor']:.2f}  ({quality['floor_size']} vs {quality['num_heldout']})"),
+                ("class histogram 0..9", " ".join(str(c) for c in quality["class_histogram"])),
+                ("mean max-probability", f"{quality['mean_max_probability']:.3f}  (held-out: "
+                                         f"{quality['heldout_mean_max_probability']:.3f})"),
+                ("classifier held-out accuracy", f"{quality['heldout_accuracy']:.3f}"),
+            ]
+        else:
+            rows += [
+                ("sliced Wasserstein-2",
+                 f"{quality['sliced_wasserstein']:.4f}  (floor {quality['sliced_wasserstein_floor']:.4f})"),
+                ("energy distance",
+                 f"{quality['energy_distance']:.5f}  (floor {quality['energy_distance_floor']:.5f})"),
+            ]
+    bound = report.get("bound")
+    if bound is not None:
+        rows += [
+            ("bits/dim (bound)", f"{bound['bits_per_dim']:.4f}  ({bound['num_images']} held-out images, "
+                                 f"{bound['seconds']:.0f} s)"),
+            ("  L_T (prior)", f"{bound['prior']:.6f}"),
+            ("  sum of L_1..L_{T-1}", f"{bound['diffusion']:.4f}"),
+            ("  L_0 (decoder)", f"{bound['decoder']:.4f}"),
+        ]
+    elif report.get("bound_note"):
+        rows.append(("bits/dim (bound)", report["bound_note"]))
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+def run(args) -> int:
+    """``fastddpm eval``: sample-quality metrics and the bound of a checkpoint; prints a table.
+
+    Returns 0, or 2 after printing the error for bad arguments or an unusable checkpoint.
+    """
+    try:
+        return _run(args)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        print(f"fastddpm eval: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    _check_args(args)
+    import fastddpm
+    from .checkpoint import load_pretrained
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pretrained = load_pretrained(args.checkpoint, device=device)
+    data = args.data or _data_name(pretrained.config) or _DIGITS
+    is_image = len(pretrained.sample_shape) == 3
+    if data == _DIGITS and not (is_image and pretrained.sample_shape[0] == 1):
+        raise ValueError(f"--data digits needs a model of 1-channel images, this one makes {pretrained.sample_shape}")
+    if data != _DIGITS and tuple(pretrained.sample_shape) != (2,):
+        raise ValueError(f"--data {data} needs a model of 2-D points, this one makes {pretrained.sample_shape}")
+    steps = args.steps if args.steps is not None else pretrained.schedule.num_timesteps
+    diffusion = pretrained.config.get("diffusion") or {}
+    clip_denoised = args.clip_denoised
+    if clip_denoised is None:
+        clip_denoised = bool(diffusion.get("clip_denoised", is_image))
+    clip_range = float(diffusion.get("clip_range", 1.0))
+    report: Dict[str, Any] = dict(
+        checkpoint=str(pretrained.path) if args.checkpoint is None else str(args.checkpoint),
+        data=data, sampler=args.sampler, steps=steps, eta=args.eta, seed=args.seed,
+        prediction_type=pretrained.prediction_type, variance_type=pretrained.variance_type,
+        clip_denoised=clip_denoised, num_timesteps=pretrained.schedule.num_timesteps, device=str(device),
+        command="fastddpm eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else None,
+    )
+
+    if args.num_samples > 0:
+        started = time.perf_counter()
+        samples = fastddpm.sample(
+            pretrained.model, (args.num_samples,) + tuple(pretrained.sample_shape), schedule=pretrained.schedule,
+            num_steps=steps, sampler=args.sampler, eta=args.eta, prediction_type=pretrained.prediction_type,
+            variance_type=pretrained.variance_type, clip_denoised=clip_denoised, clip_range=clip_range,
+            seed=args.seed, device=device, progress=args.progress)
+        report["sample_seconds"] = time.perf_counter() - started
+        if data == _DIGITS:
+            report["quality"] = evaluate_digit_samples(samples, seed=args.seed, cache_dir=args.classifier_cache)
+        else:
+            report["quality"] = evaluate_toy_samples(samples, data, seed=args.seed)
+
+    if args.bound and data == _DIGITS:
+        from .data import load_digits
+
+        heldout, _ = load_digits("test", image_size=pretrained.sample_shape[-1])
+        if args.bound_images is not None:
+            heldout = heldout[: args.bound_images]
+        result = variational_bound(
+            pretrained.model, heldout.to(device), pretrained.schedule, prediction_type=pretrained.prediction_type,
+            variance_type=pretrained.variance_type, clip_denoised=clip_denoised, seed=args.seed,
+            batch_size=args.batch_size, progress=args.progress)
+        report["bound"] = result.to_dict()
+    elif args.bound:
+        report["bound_note"] = "n/a: the discretized decoder needs 8-bit image data"
+
+    _print_report(report)
+    if args.json_path:
+        with open(args.json_path, "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=1)
+        print(f"wrote {args.json_path}")
+    return 0
