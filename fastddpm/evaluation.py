@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from . import reference
-from .losses import normal_kl, p_mean_variance, posterior_mean_variance
+from .losses import discretized_gaussian_log_likelihood, normal_kl, p_mean_variance, posterior_mean_variance
 from .reference import PREDICTION_TYPES, VARIANCE_TYPES
 from .schedule import NoiseSchedule
 
@@ -39,44 +39,11 @@ __all__ = [
 ]
 
 NUM_BINS = 256  # the decoder's bins: x_0 is treated as 8-bit data scaled to [-1, 1]
-_BIN_HALF_WIDTH = 1.0 / (NUM_BINS - 1)  # half the spacing of the 256 levels on [-1, 1]
 
 
 # ---------------------------------------------------------------------------------------------
 # Gaussian pieces of the bound
 # ---------------------------------------------------------------------------------------------
-def _log_normal_cdf_difference(upper: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
-    """log(Phi(upper) - Phi(lower)) for upper > lower, accurate in both tails.
-
-    In the upper tail both CDFs round to 1, so use the reflection Phi(b) - Phi(a) =
-    Phi(-a) - Phi(-b); in either tail the difference is taken in log space.
-    """
-    flip = lower > 0
-    a = torch.where(flip, -upper, lower)
-    b = torch.where(flip, -lower, upper)
-    log_b = torch.special.log_ndtr(b)
-    log_a = torch.special.log_ndtr(a)
-    # log(e^log_b - e^log_a) = log_b + log(-expm1(log_a - log_b)), with log_a <= log_b.
-    return log_b + torch.log(-torch.expm1((log_a - log_b).clamp_max(0.0)))
-
-
-def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
-    """log P(x) per element under N(means, exp(log_scales)^2) discretized to 256 bins on [-1, 1].
-
-    ``x`` must lie on the 256-level grid (see :func:`snap_to_8bit`). Each level owns the interval
-    of half-width 1/255 around it; the first and last levels also own the tails, so the
-    probabilities of the 256 levels sum to one.
-    """
-    x, means, log_scales = torch.broadcast_tensors(x, means, log_scales)
-    inv_scale = torch.exp(-log_scales)
-    upper = (x - means + _BIN_HALF_WIDTH) * inv_scale
-    lower = (x - means - _BIN_HALF_WIDTH) * inv_scale
-    infinity = torch.full_like(upper, math.inf)
-    upper = torch.where(x > 1.0 - _BIN_HALF_WIDTH, infinity, upper)  # last level: up to +inf
-    lower = torch.where(x < -1.0 + _BIN_HALF_WIDTH, -infinity, lower)  # first level: from -inf
-    return _log_normal_cdf_difference(upper, lower)
-
-
 def snap_to_8bit(x: torch.Tensor) -> torch.Tensor:
     """Round values in [-1, 1] to the nearest of the 256 levels the decoder is defined on."""
     return torch.round((x.clamp(-1.0, 1.0) + 1.0) * ((NUM_BINS - 1) / 2.0)) * (2.0 / (NUM_BINS - 1)) - 1.0

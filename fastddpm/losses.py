@@ -37,37 +37,47 @@ def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
                   + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
+def log_normal_cdf_difference(upper: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
+    """log(Phi(upper) - Phi(lower)) for upper > lower, accurate in both tails.
+
+    In the upper tail both CDFs round to 1, so the reflection Phi(b) - Phi(a) = Phi(-a) - Phi(-b)
+    is used there; the difference itself is taken in log space so tiny bin masses keep their
+    relative precision.
+    """
+    flip = lower > 0
+    a = torch.where(flip, -upper, lower)
+    b = torch.where(flip, -lower, upper)
+    log_b = torch.special.log_ndtr(b)
+    log_a = torch.special.log_ndtr(a)
+    # log(e^log_b - e^log_a) = log_b + log(-expm1(log_a - log_b)), with log_a <= log_b.
+    return log_b + torch.log(-torch.expm1((log_a - log_b).clamp_max(0.0)))
+
+
 def discretized_gaussian_log_likelihood(
     x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor, *, num_bins: int = 256
 ) -> torch.Tensor:
     """Elementwise log-probability (nats) of data ``x`` in [-1, 1] under a Gaussian discretized
     into ``num_bins`` equal bins (bin width 2 / (num_bins - 1), the outer bins reaching to
-    +-infinity), with mean ``means`` and standard deviation ``exp(log_scales)``.
+    +-infinity, so the probabilities of the levels sum to one), with mean ``means`` and standard
+    deviation ``exp(log_scales)``.
 
-    ``x`` should sit on the bin centres (e.g. 8-bit images scaled to [-1, 1]). The CDF is the
-    exact normal CDF, with log-CDF tails for the outer bins.
+    ``x`` should sit on the bin centres (e.g. 8-bit images scaled to [-1, 1]).
     """
     if not isinstance(num_bins, int) or num_bins < 2:
         raise ValueError(f"num_bins must be an int >= 2, got {num_bins!r}")
-    if x.shape != means.shape:
-        raise ValueError(f"x and means must have the same shape, got {tuple(x.shape)} and {tuple(means.shape)}")
+    try:
+        x, means, log_scales = torch.broadcast_tensors(x, means, log_scales)
+    except RuntimeError as error:
+        raise ValueError(f"x, means and log_scales must broadcast together, got shapes {tuple(x.shape)}, "
+                         f"{tuple(means.shape)} and {tuple(log_scales.shape)}") from error
     half_bin = 1.0 / (num_bins - 1)
     inv_std = torch.exp(-log_scales)
-    centered = x - means
-    upper = inv_std * (centered + half_bin)
-    lower = inv_std * (centered - half_bin)
-    log_cdf_upper = torch.special.log_ndtr(upper)  # log P(X < upper edge)
-    log_one_minus_cdf_lower = torch.special.log_ndtr(-lower)  # log P(X > lower edge)
-    # Bin mass as a difference of CDFs, taken on the side of the mean where both are small, so
-    # that tail bins keep their relative precision.
-    cdf_delta = torch.where(lower > 0, torch.special.ndtr(-lower) - torch.special.ndtr(-upper),
-                            torch.special.ndtr(upper) - torch.special.ndtr(lower))
-    # Where even that underflows, the density at the bin centre times the bin width.
-    log_density_mid = (-0.5 * (inv_std * centered) ** 2 - log_scales - 0.5 * math.log(2 * math.pi)
-                       + math.log(2 * half_bin))
-    log_delta = torch.where(cdf_delta > 1e-30, torch.log(cdf_delta.clamp_min(1e-30)), log_density_mid)
-    edge = 1.0 - half_bin  # x below -edge is the lowest bin, above +edge the highest
-    return torch.where(x < -edge, log_cdf_upper, torch.where(x > edge, log_one_minus_cdf_lower, log_delta))
+    upper = (x - means + half_bin) * inv_std
+    lower = (x - means - half_bin) * inv_std
+    infinity = torch.full_like(upper, math.inf)
+    upper = torch.where(x > 1.0 - half_bin, infinity, upper)  # the last level reaches +inf
+    lower = torch.where(x < -1.0 + half_bin, -infinity, lower)  # the first level from -inf
+    return log_normal_cdf_difference(upper, lower)
 
 
 def extract(schedule: NoiseSchedule, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
