@@ -168,7 +168,8 @@ def _save_sample_grid(ema_model: nn.Module, schedule: NoiseSchedule, config: Dic
         with torch.no_grad():
             images = sample(ema_model, shape, schedule=schedule, num_steps=min(num_steps, schedule.num_timesteps),
                             prediction_type=config["diffusion"]["prediction_type"],
-                            variance_type=config["diffusion"]["variance_type"], seed=seed, device=device,
+                            variance_type=config["diffusion"]["variance_type"],
+                            clip_denoised=config["diffusion"].get("clip_denoised", True), seed=seed, device=device,
                             progress=False)
     finally:
         ema_model.train(was_training)
@@ -367,7 +368,9 @@ def _train_loop(*, preset, dataset, overrides, noise_schedule, schedule_name, st
         "model": raw_model.config,
         "diffusion": dict(schedule=schedule_name, num_timesteps=noise_schedule.num_timesteps,
                           prediction_type=prediction_type, variance_type=variance_type, loss_type=loss_type,
-                          vlb_weight=vlb_weight),
+                          vlb_weight=vlb_weight,
+                          # x_0 lives in [-1, 1] only for images; 2-D point sets span a wider range.
+                          clip_denoised=dataset.is_image),
         "sample_shape": list(dataset.sample_shape),
         "data": dict(name=dataset.name, size=len(dataset), random_flip=dataset.random_flip, **dataset.info),
         "training": dict(seed=seed, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,

@@ -202,12 +202,13 @@ def _load_fastddpm(path: Optional[Path], device: torch.device) -> LoadedModel:
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         what = "the shipped default checkpoint" if path is None else f"--checkpoint {path}"
         raise CommandError(f"could not load {what}: {error}") from error
-    # Clipping x_0 is a sampling choice; a checkpoint may record one in its diffusion config.
+    # Clipping x_0 is a sampling choice; a checkpoint may record one in its diffusion config, else
+    # images are clipped to [-1, 1] and 2-D point sets (which span a wider range) are not.
     diffusion = (getattr(pretrained, "config", None) or {}).get("diffusion") or {}
     return LoadedModel(
         model=pretrained.model, schedule=pretrained.schedule, sample_shape=tuple(pretrained.sample_shape),
         prediction_type=pretrained.prediction_type, variance_type=pretrained.variance_type,
-        clip_denoised=bool(diffusion.get("clip_denoised", True)), clip_range=float(diffusion.get("clip_range", 1.0)),
+        clip_denoised=bool(diffusion.get("clip_denoised", len(pretrained.sample_shape) > 1)), clip_range=float(diffusion.get("clip_range", 1.0)),
         source="default" if path is None else str(path),
     )
 
