@@ -126,9 +126,10 @@ def _gather(schedule: NoiseSchedule, name: str, t, x: torch.Tensor, dtype: torch
     row = schedule.coefficient(name, x.device, dtype)
     if isinstance(t, torch.Tensor):
         t = t.to(device=x.device, dtype=torch.int64)
-        if t.ndim == 0:
-            return row[t]
-        return row[t].reshape((-1,) + (1,) * (x.ndim - 1))
+        # index_select, not row[t]: indexing with a 0-d tensor reads it back to the host (a
+        # device sync, and a graph break under torch.compile).
+        picked = row.index_select(0, t.reshape(-1))
+        return picked.reshape(()) if t.ndim == 0 else picked.reshape((-1,) + (1,) * (x.ndim - 1))
     return row[int(t)]
 
 
