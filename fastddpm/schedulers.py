@@ -407,6 +407,24 @@ class _ScheduleBackedScheduler:
                              f"[0, {total - 1}] or repeated; lower steps_offset or num_inference_steps")
         return np.ascontiguousarray(timesteps)
 
+    def _choose_timesteps(self, num_inference_steps: Optional[int], timesteps: Optional[Sequence[int]]) -> np.ndarray:
+        """The descending sampling timesteps of ``set_timesteps``; sets ``num_inference_steps``
+        and ``custom_timesteps``."""
+        if num_inference_steps is not None and timesteps is not None:
+            raise ValueError("pass either num_inference_steps or timesteps, not both")
+        if num_inference_steps is None and timesteps is None:
+            raise ValueError("pass num_inference_steps or timesteps")
+        if timesteps is not None:
+            values = self._check_custom_timesteps(timesteps)
+            self.custom_timesteps = True
+            # diffusers leaves num_inference_steps as it was here; the count of steps is more useful.
+            self.num_inference_steps = len(values)
+        else:
+            self.num_inference_steps = self._check_num_inference_steps(num_inference_steps)
+            values = self._spaced_timesteps(self.num_inference_steps)
+            self.custom_timesteps = False
+        return values
+
     def _check_custom_timesteps(self, timesteps) -> np.ndarray:
         values = np.asarray(timesteps.cpu() if isinstance(timesteps, torch.Tensor) else timesteps)
         integral = np.issubdtype(values.dtype, np.integer) or (
@@ -553,19 +571,7 @@ class DDPMScheduler(_ScheduleBackedScheduler):
                       timesteps: Optional[Sequence[int]] = None) -> None:
         """Choose the sampling timesteps: ``num_inference_steps`` spaced by the config's
         ``timestep_spacing``, or explicit descending ``timesteps`` (not both)."""
-        if num_inference_steps is not None and timesteps is not None:
-            raise ValueError("pass either num_inference_steps or timesteps, not both")
-        if num_inference_steps is None and timesteps is None:
-            raise ValueError("pass num_inference_steps or timesteps")
-        if timesteps is not None:
-            values = self._check_custom_timesteps(timesteps)
-            self.custom_timesteps = True
-            # diffusers leaves num_inference_steps as it was here; the count of steps is more useful.
-            self.num_inference_steps = len(values)
-        else:
-            self.num_inference_steps = self._check_num_inference_steps(num_inference_steps)
-            values = self._spaced_timesteps(self.num_inference_steps)
-            self.custom_timesteps = False
+        values = self._choose_timesteps(num_inference_steps, timesteps)
         self._set_chain(values)
         self.timesteps = torch.from_numpy(values).to(device)
         self._reset_noise_stream()
@@ -735,19 +741,10 @@ class DDIMScheduler(_ScheduleBackedScheduler):
                       timesteps: Optional[Sequence[int]] = None) -> None:
         """Choose the sampling timesteps: ``num_inference_steps`` spaced by the config's
         ``timestep_spacing`` (diffusers' DDIM), or explicit descending ``timesteps``."""
-        if num_inference_steps is not None and timesteps is not None:
-            raise ValueError("pass either num_inference_steps or timesteps, not both")
-        if num_inference_steps is None and timesteps is None:
-            raise ValueError("pass num_inference_steps or timesteps")
-        if timesteps is not None:
-            values = self._check_custom_timesteps(timesteps)
-            self.custom_timesteps = True
-            self.num_inference_steps = len(values)
+        values = self._choose_timesteps(num_inference_steps, timesteps)
+        if self.custom_timesteps:
             landing = list(values[1:]) + [-1]
         else:
-            self.num_inference_steps = self._check_num_inference_steps(num_inference_steps)
-            values = self._spaced_timesteps(self.num_inference_steps)
-            self.custom_timesteps = False
             jump = self.config.num_train_timesteps // self.num_inference_steps
             landing = [int(t) - jump for t in values]
         self._landing = {int(t): int(p) for t, p in zip(values, landing)}
