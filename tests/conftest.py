@@ -35,3 +35,14 @@ def kernel_device():
 @pytest.fixture
 def kernel_backend():
     return KERNEL_BACKEND
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    """A diffusers UNet2DModel small enough to sample with on a CPU in a test (random weights)."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 8),
+        norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+    ).eval()

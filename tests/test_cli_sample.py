@@ -27,16 +27,6 @@ def _one_cpu_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny_unet():
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    return diffusers.UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 8),
-        norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-    ).eval()
-
-
-@pytest.fixture(scope="module")
 def unet_dir(tmp_path_factory, tiny_unet):
     """A UNet2DModel saved with save_pretrained, with a DDPM scheduler config beside it."""
     diffusers = pytest.importorskip("diffusers")

@@ -191,16 +191,6 @@ def test_generator_path_is_reproducible_and_draws_from_the_generator():
     torch.testing.assert_close(first, x)
 
 
-@pytest.fixture(scope="module")
-def tiny_unet():
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    return diffusers.UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 8),
-        norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-    ).eval()
-
-
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_generator_path_matches_diffusers_pipelines(sampler, tiny_unet):
     """A diffusers UNet2DModel is accepted as is, and a generator reproduces diffusers' pipelines."""
