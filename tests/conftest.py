@@ -46,3 +46,12 @@ def tiny_unet():
         sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 8),
         norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
     ).eval()
+
+
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """For modules of tiny tensors: intra-op threads only add contention on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

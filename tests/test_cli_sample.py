@@ -17,13 +17,7 @@ PIL = pytest.importorskip("PIL.Image")
 T_TRAIN = 20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """These tensors are tiny: intra-op threads only add contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")
