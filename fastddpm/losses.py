@@ -16,6 +16,7 @@ from typing import Tuple
 
 import torch
 
+from . import reference
 from .reference import LEARNED_VARIANCE_TYPES, PREDICTION_TYPES, VARIANCE_TYPES, predict_x0
 from .schedule import NoiseSchedule
 
@@ -82,9 +83,7 @@ def discretized_gaussian_log_likelihood(
 
 def extract(schedule: NoiseSchedule, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Coefficient ``name`` of ``schedule`` at indices ``t`` [B], shaped to broadcast against ``like``."""
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    row = schedule.coefficient(name, like.device, dtype)
-    return row[t.to(like.device)].reshape((-1,) + (1,) * (like.ndim - 1))
+    return reference.gather_coefficient(schedule, name, t, like)
 
 
 def posterior_mean_variance(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor

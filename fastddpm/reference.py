@@ -133,6 +133,11 @@ def _gather(schedule: NoiseSchedule, name: str, t, x: torch.Tensor, dtype: torch
     return row[int(t)]
 
 
+def gather_coefficient(schedule: NoiseSchedule, name: str, t, like: torch.Tensor) -> torch.Tensor:
+    """Coefficient ``name`` at index ``t`` in ``like``'s compute dtype, shaped to broadcast against it."""
+    return _gather(schedule, name, t, like, _compute_dtype(like))
+
+
 def _t_positive(t, x: torch.Tensor) -> Union[bool, torch.Tensor]:
     if isinstance(t, torch.Tensor):
         t = t.to(device=x.device)
