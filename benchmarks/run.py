@@ -86,6 +86,12 @@ class Plan:
             batches = [1, 4] if quick else [1, 16]
             steps = dict(ddpm=20, ddim=10) if quick else dict(ddpm=100, ddim=50)
             training = dict(preset="digits", batch=64, steps=3 if quick else 10, warmup=1)
+        if getattr(args, "e2e_batches", None):
+            batches = list(args.e2e_batches)
+        if getattr(args, "e2e_steps", None):
+            steps = dict(ddpm=args.e2e_steps[0], ddim=args.e2e_steps[1])
+        if getattr(args, "e2e_suites", None):
+            suites = [suite for suite in suites if suite["name"][0] in args.e2e_suites]
         return cls(
             device=device, quick=quick, sections=args.only or SECTIONS, sizes=sizes, dtypes=list(args.dtypes),
             embedding_batches=[1, 128, 4096] + ([] if (quick or not gpu) else [65536]),
@@ -567,6 +573,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--e2e-dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="precision of both sides of the end-to-end runs (default fp32)")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
+    parser.add_argument("--tag", default="", help="appended to the results' file names")
+    parser.add_argument("--e2e-batches", nargs="+", type=int, metavar="B",
+                        help="end-to-end batch sizes (default: see benchmarks/README.md)")
+    parser.add_argument("--e2e-steps", nargs=2, type=int, metavar=("DDPM", "DDIM"),
+                        help="end-to-end step counts of the DDPM and DDIM runs")
+    parser.add_argument("--e2e-suites", nargs="+", choices=("a", "b"),
+                        help="end-to-end model suites: a (diffusers UNet2DModel), b (fastddpm UNet)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (torch.set_num_threads); default torch's choice")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
@@ -620,6 +633,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     stem = f"{datetime.date.today().isoformat()}-{meta['git_commit']}"
     if args.only:  # a partial run must not overwrite the full one of the same day and commit
         stem += "-" + "-".join(plan.sections)
+    if args.tag:
+        stem += "-" + args.tag
     markdown = render_markdown(results)
     (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     (out_dir / f"{stem}.md").write_text(markdown)

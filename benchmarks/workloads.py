@@ -145,8 +145,9 @@ def _step_case(impl, shape, dtype, device, generator):
         seed, offset = _device_int(SEED, device), _device_int(0, device)
         out = torch.empty_like(x_t)
         schedule.table(device, torch.float32)  # build the cached coefficient table outside the timing
-        return lambda: ops.ddpm_step(model_output, t, x_t, schedule, seed=seed, noise_offset=offset, out=out,
-                                     return_pred_x0=False, backend="triton")[0]
+        base = _device_int(0, device)
+        return lambda: ops.ddpm_step(model_output, t, x_t, schedule, seed=seed, noise_offset=offset, index_base=base,
+                                     out=out, return_pred_x0=False, backend="triton")[0]
     fn = _compiled(reference_step_with_randn) if impl == "compile" else reference_step_with_randn
     # Shape [1], not []: indexing the coefficient row with a 0-d tensor becomes .item(), which
     # inductor cannot compile (it would fall back to eager around it); a [1] index is a gather.
@@ -175,8 +176,9 @@ def _q_sample_case(impl, shape, dtype, device, generator):
         seed, offset = _device_int(SEED, device), _device_int(0, device)
         out = torch.empty_like(x0)
         schedule.table(device, torch.float32)
-        return lambda: ops.q_sample(x0, t, schedule, seed=seed, noise_offset=offset, return_noise=True, out=out,
-                                    backend="triton")
+        base = _device_int(0, device)
+        return lambda: ops.q_sample(x0, t, schedule, seed=seed, noise_offset=offset, index_base=base,
+                                    return_noise=True, out=out, backend="triton")
     fn = _compiled(reference_q_sample_with_randn) if impl == "compile" else reference_q_sample_with_randn
     return lambda: fn(x0, t, schedule)
 

@@ -10,6 +10,7 @@ are not range-checked (that would synchronise with the device); the kernels clam
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional, Tuple, Union
 
@@ -25,8 +26,7 @@ __all__ = ["BACKENDS", "KERNEL_DTYPES", "q_sample", "ddpm_step", "ddim_step", "t
 BACKENDS = ("auto", "reference", "triton", "interpret")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 STORAGE_DTYPES = KERNEL_DTYPES + (torch.float64,)
-_kernels_module = None
-_kernels_interpreted = None
+_kernel_flavours = {}  # interpret (bool) -> the kernels package of that flavour
 
 
 def triton_available() -> bool:
@@ -38,19 +38,54 @@ def triton_available() -> bool:
 
 
 def _load_kernels(interpret: bool):
-    """Import the kernels once; the interpreter must be chosen before ``@triton.jit`` runs."""
-    global _kernels_module, _kernels_interpreted
-    if _kernels_module is None:
-        if interpret:
-            os.environ["TRITON_INTERPRET"] = "1"
+    """The kernels package interpreted (CPU tensors) or compiled (CUDA tensors), each imported once.
+
+    Which flavour a plain ``import fastddpm.kernels`` gives depends on ``TRITON_INTERPRET`` when it
+    runs; the flavour is read off the kernel objects, never from the environment. The other one
+    is imported as a twin package with Triton's interpret knob set for that import alone, so both
+    can live in one process in any order, and nothing is set process-wide."""
+    if interpret not in _kernel_flavours:
         from . import kernels
 
-        _kernels_module = kernels
-        _kernels_interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    if interpret and not _kernels_interpreted:
-        raise RuntimeError("backend='interpret' needs TRITON_INTERPRET=1 set before fastddpm's kernels are "
-                           "imported; they were already compiled for the GPU in this process")
-    return _kernels_module
+        if kernels.is_interpreted() == interpret:
+            _kernel_flavours[interpret] = kernels
+        else:
+            _kernel_flavours[interpret] = _import_twin(kernels, interpret)
+    return _kernel_flavours[interpret]
+
+
+def _import_twin(kernels, interpret: bool):
+    import importlib.util
+    import sys
+
+    name = f"{__package__}._kernels_{'interpreted' if interpret else 'compiled'}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            name, kernels.__file__, submodule_search_locations=list(kernels.__path__))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            with _interpret_knob(interpret):
+                spec.loader.exec_module(module)
+        except BaseException:
+            for loaded in [key for key in sys.modules if key == name or key.startswith(name + ".")]:
+                del sys.modules[loaded]
+            raise
+    twin = sys.modules[name]
+    if twin.is_interpreted() != interpret:  # pragma: no cover - a Triton without the knob
+        raise RuntimeError(f"could not import fastddpm's kernels {'interpreted' if interpret else 'compiled'} "
+                           "in this process; set TRITON_INTERPRET before the first import instead")
+    return twin
+
+
+@contextlib.contextmanager
+def _interpret_knob(interpret: bool):
+    """Triton's interpret switch, read by ``@triton.jit`` while a module is imported, for one import."""
+    from triton import knobs
+
+    with knobs.runtime.scope():
+        knobs.runtime.interpret = interpret
+        yield
 
 
 def resolve_backend(backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
@@ -118,7 +153,7 @@ def _check_t(t, batch: Optional[int], num_timesteps: int, device: torch.device) 
     return t.to(device=device, dtype=torch.int64).contiguous()
 
 
-def _check_noise(noise, x: torch.Tensor, seed, noise_offset, *, needed: bool = True):
+def _check_noise(noise, x: torch.Tensor, seed, noise_offset, index_base=0, *, needed: bool = True):
     if noise is not None:
         _check_floating("noise", noise)
         if noise.shape != x.shape:
@@ -129,7 +164,9 @@ def _check_noise(noise, x: torch.Tensor, seed, noise_offset, *, needed: bool = T
         return
     if seed is None:
         raise ValueError("give either noise (a tensor) or seed (an int or int64 tensor) for the step's noise")
-    for name, value, limit in (("seed", seed, 2**63), ("noise_offset", noise_offset, 2**32)):
+    batch = x.shape[0] if x.ndim else 1
+    for name, value, limit in (("seed", seed, 2**63), ("noise_offset", noise_offset, 2**32),
+                               ("index_base", index_base, 2**32 - batch + 1)):
         if isinstance(value, torch.Tensor):
             if value.dtype != torch.int64 or value.numel() != 1:
                 raise TypeError(f"{name} as a tensor must be a single int64 value, got dtype {value.dtype}, shape {tuple(value.shape)}")
@@ -139,14 +176,36 @@ def _check_noise(noise, x: torch.Tensor, seed, noise_offset, *, needed: bool = T
             raise TypeError(f"{name} must be an int or an int64 tensor, got {type(value).__name__}")
         elif not 0 <= value < limit:
             raise ValueError(f"{name} must lie in [0, {limit}), got {value}")
-    if x.numel() >= 2**32:
-        raise ValueError(f"in-kernel noise covers at most 2**32 - 1 elements a call, got {x.numel()}; pass noise")
+    if x.numel() // max(batch, 1) >= 4 * 2**32:
+        raise ValueError(f"in-kernel noise covers at most 4 * 2**32 - 1 elements a sample, got "
+                         f"{x.numel() // batch}; pass noise")
+
+
+_SCALAR_CACHE_SIZE = 64
+_scalar_cache = {}  # (int, device) -> int64 tensor []: constants (index_base=0, ...) copied once
 
 
 def _scalar_on(value, device: torch.device) -> torch.Tensor:
+    """``value`` as an int64 device tensor []; Python ints are copied to the device once each (a
+    copy per call would cost a host-device transfer each time), the most recent few kept."""
     if isinstance(value, torch.Tensor):
         return value.to(device=device).reshape(())
-    return torch.tensor(value, dtype=torch.int64, device=device)
+    key = (int(value), device)
+    tensor = _scalar_cache.pop(key, None)
+    if tensor is None:
+        tensor = torch.tensor(key[0], dtype=torch.int64, device=device)
+    elif len(_scalar_cache) >= _SCALAR_CACHE_SIZE:
+        _scalar_cache.pop(next(iter(_scalar_cache)))
+    _scalar_cache[key] = tensor  # most recent last
+    return tensor
+
+
+def _noise_scalars(in_kernel: bool, seed, noise_offset, index_base, device: torch.device) -> dict:
+    """The in-kernel noise's key and counters as int64 device tensors [] (None when not drawn)."""
+    names = ("seed", "noise_offset", "index_base")
+    if not in_kernel:
+        return dict.fromkeys(names)
+    return {name: _scalar_on(value, device) for name, value in zip(names, (seed, noise_offset, index_base))}
 
 
 def _check_out(name: str, out, like: torch.Tensor):
@@ -184,6 +243,7 @@ def q_sample(
     *,
     seed=None,
     noise_offset=0,
+    index_base=0,
     return_noise: bool = False,
     out: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
@@ -192,19 +252,20 @@ def q_sample(
 
     ``t`` is an int or an integer tensor of shape [] or [B] (indices into ``schedule``).
     ``eps`` is ``noise`` if given, else drawn in-kernel from ``seed``/``noise_offset`` (the
-    Philox stream of :func:`fastddpm.reference.philox_randn`). Returns x_t, or (x_t, eps) with
-    ``return_noise=True``.
+    Philox stream of :func:`fastddpm.reference.philox_randn`, batch position ``b`` drawing as
+    sample ``index_base + b``). Returns x_t, or (x_t, eps) with ``return_noise=True``.
     """
     _check_floating("x0", x0)
     schedule = _check_schedule(schedule)
     if x0.ndim == 0:
         raise ValueError("x0 must have a batch dimension (shape [B, ...])")
     t = _check_t(t, x0.shape[0], schedule.num_timesteps, x0.device)
-    _check_noise(noise, x0, seed, noise_offset)
+    _check_noise(noise, x0, seed, noise_offset, index_base)
     _check_out("out", out, x0)
     chosen = resolve_backend(backend, x0.device, x0.dtype)
     if chosen == "reference":
-        x_t, eps = reference.q_sample(x0, t, schedule, noise, seed=seed, noise_offset=noise_offset)
+        x_t, eps = reference.q_sample(x0, t, schedule, noise, seed=seed, noise_offset=noise_offset,
+                                      index_base=index_base)
         x_t = _write(out, x_t)
         return (x_t, eps) if return_noise else x_t
     kernels = _load_kernels(chosen == "interpret")
@@ -213,9 +274,8 @@ def q_sample(
     kernels.q_sample(
         x0.contiguous(), t, schedule.table(x0.device, torch.float32),
         noise=noise.contiguous() if noise is not None else None,
-        seed=_scalar_on(seed, x0.device) if noise is None else None,
-        noise_offset=_scalar_on(noise_offset, x0.device) if noise is None else None,
-        out=target, noise_out=noise_out,
+        **_noise_scalars(noise is None, seed, noise_offset, index_base, x0.device),
+        out=target, noise_out=noise_out, fast_math=chosen == "triton",
     )
     x_t = target if target is out or out is None else _write(out, target)
     if return_noise:
@@ -247,17 +307,17 @@ def _check_step_args(model_output, t, x_t, schedule, prediction_type, variance_t
 
 
 def _step(sampler, model_output, t, x_t, schedule, *, prediction_type, variance_type, clip_denoised, clip_range,
-          eta, noise, seed, noise_offset, out, pred_x0_out, return_pred_x0, backend):
+          eta, noise, seed, noise_offset, index_base, out, pred_x0_out, return_pred_x0, backend):
     schedule, t_index = _check_step_args(model_output, t, x_t, schedule, prediction_type, variance_type, clip_range)
     needs_noise = sampler == "ddpm" or eta > 0
-    _check_noise(noise, x_t, seed, noise_offset, needed=needs_noise)
+    _check_noise(noise, x_t, seed, noise_offset, index_base, needed=needs_noise)
     _check_out("out", out, x_t)
     _check_out("pred_x0_out", pred_x0_out, x_t)
     chosen = resolve_backend(backend, x_t.device, x_t.dtype)
     clip = clip_range if clip_denoised else None
     if chosen == "reference":
         common = dict(prediction_type=prediction_type, clip_denoised=clip_denoised, clip_range=clip_range,
-                      noise=noise, seed=seed, noise_offset=noise_offset)
+                      noise=noise, seed=seed, noise_offset=noise_offset, index_base=index_base)
         if sampler == "ddpm":
             x_prev, x0 = reference.ddpm_step(model_output, t_index, x_t, schedule, variance_type=variance_type, **common)
         else:
@@ -274,9 +334,8 @@ def _step(sampler, model_output, t, x_t, schedule, *, prediction_type, variance_
         model_output.contiguous(), t_index, x_t.contiguous(), schedule.table(x_t.device, torch.float32),
         sampler=sampler, prediction_type=prediction_type, variance_type=variance_type, clip_range=clip, eta=eta,
         noise=noise.contiguous() if (noise is not None and needs_noise) else None,
-        seed=_scalar_on(seed, x_t.device) if (noise is None and needs_noise) else None,
-        noise_offset=_scalar_on(noise_offset, x_t.device) if (noise is None and needs_noise) else None,
-        out=target, pred_x0_out=x0_target,
+        **_noise_scalars(noise is None and needs_noise, seed, noise_offset, index_base, x_t.device),
+        out=target, pred_x0_out=x0_target, fast_math=chosen == "triton",
     )
     if out is not None and target is not out:
         out.copy_(target)
@@ -300,6 +359,7 @@ def ddpm_step(
     noise: Optional[torch.Tensor] = None,
     seed=None,
     noise_offset=0,
+    index_base=0,
     out: Optional[torch.Tensor] = None,
     pred_x0_out: Optional[torch.Tensor] = None,
     return_pred_x0: bool = True,
@@ -311,12 +371,13 @@ def ddpm_step(
     ``model_output`` is the model's epsilon / x_0 / v prediction, with the variance channels
     appended along dim 1 for ``learned`` / ``learned_range``. Noise is ``noise`` if given (e.g.
     drawn from a torch.Generator), else the in-kernel Philox stream of ``seed`` at
-    ``noise_offset``; none is added where t == 0. ``out=x_t`` updates in place. With
+    ``noise_offset`` (batch position ``b`` drawing as sample ``index_base + b``; see
+    :func:`fastddpm.reference.philox_randn`); none is added where t == 0. ``out=x_t`` updates in place. With
     ``return_pred_x0=False`` the kernel does not write x_0 (less memory traffic).
     """
     return _step("ddpm", model_output, t, x_t, schedule, prediction_type=prediction_type, variance_type=variance_type,
                  clip_denoised=clip_denoised, clip_range=clip_range, eta=0.0, noise=noise, seed=seed,
-                 noise_offset=noise_offset, out=out, pred_x0_out=pred_x0_out, return_pred_x0=return_pred_x0,
+                 noise_offset=noise_offset, index_base=index_base, out=out, pred_x0_out=pred_x0_out, return_pred_x0=return_pred_x0,
                  backend=backend)
 
 
@@ -333,6 +394,7 @@ def ddim_step(
     noise: Optional[torch.Tensor] = None,
     seed=None,
     noise_offset=0,
+    index_base=0,
     out: Optional[torch.Tensor] = None,
     pred_x0_out: Optional[torch.Tensor] = None,
     return_pred_x0: bool = True,
@@ -345,7 +407,7 @@ def ddim_step(
         raise ValueError(f"eta must be a float >= 0, got {eta!r}")
     return _step("ddim", model_output, t, x_t, schedule, prediction_type=prediction_type, variance_type="fixed_small",
                  clip_denoised=clip_denoised, clip_range=clip_range, eta=float(eta), noise=noise, seed=seed,
-                 noise_offset=noise_offset, out=out, pred_x0_out=pred_x0_out, return_pred_x0=return_pred_x0,
+                 noise_offset=noise_offset, index_base=index_base, out=out, pred_x0_out=pred_x0_out, return_pred_x0=return_pred_x0,
                  backend=backend)
 
 

@@ -34,7 +34,7 @@ VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "l
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 
 # ---------------------------------------------------------------------------------------------
-# Philox4x32-10 + Box-Muller, bit-compatible with triton.language.randn
+# Philox4x32-10 + Box-Muller: the kernels' noise stream (fastddpm/kernels/noise.py)
 # ---------------------------------------------------------------------------------------------
 _PHILOX_KEY_A = 0x9E3779B9
 _PHILOX_KEY_B = 0xBB67AE85
@@ -43,6 +43,8 @@ _PHILOX_ROUND_B = 0xCD9E8D57
 _MASK32 = 0xFFFFFFFF
 # Triton's uint -> [0, 1) scale for 32-bit draws: the largest value with MAX_INT * scale < 1.
 _UINT32_TO_UNIFORM = 4.6566127342e-10
+_MIN_UNIFORM = 1.0e-7  # the smallest uniform fed to Box-Muller's logarithm
+_NORMALS_PER_CALL = 4  # one Philox call: four words, two Box-Muller pairs
 
 
 def philox4x32(c0, c1, c2, c3, k0, k1, rounds: int = 10):
@@ -80,38 +82,55 @@ def _seed_words(seed: int) -> Tuple[int, int]:
     return seed & _MASK32, (seed >> 32) & _MASK32
 
 
+def _box_muller(u_radius: torch.Tensor, u_angle: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The cosine and sine normals of one uniform pair (float32, as the kernels compute them)."""
+    radius = torch.sqrt(-2.0 * torch.log(u_radius.clamp_min(_MIN_UNIFORM)))
+    theta = torch.tensor(2 * math.pi, dtype=torch.float32) * u_angle
+    return radius * torch.cos(theta), radius * torch.sin(theta)
+
+
 def philox_randn(
     shape,
     seed: int,
     noise_offset: int = 0,
     *,
+    index_base: int = 0,
     device: Union[str, torch.device] = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Standard normals identical to what the kernels draw.
+    """Standard normals identical to what the kernels draw: the sample-indexed Philox stream.
 
-    Element ``i`` (row-major flat index) is Philox4x32-10 keyed by the 64-bit ``seed`` on the
-    counter ``(i, noise_offset, 0, 0)``, whose first two words go through Triton's uniform map and
-    the cosine branch of Box-Muller. With ``noise_offset=0`` this is exactly
-    ``tl.randn(seed, i)``; every sampling step uses its own ``noise_offset`` so no two steps share
-    a stream.
+    ``shape[0]`` counts samples. Element ``e`` (row-major, within its sample) of sample ``n``
+    (global index ``index_base`` + its position in dim 0) is normal ``e % 4`` of Philox4x32-10
+    keyed by the 64-bit ``seed`` on the counter ``(e // 4, n, noise_offset, 0)``: the four words
+    make two uniform pairs (Triton's uint -> [0, 1) map) and Box-Muller gives the cosine, then the
+    sine normal of each. So sample ``n`` draws the same noise whatever batch it is drawn in, and
+    every sampling step uses its own ``noise_offset`` (0 for x_T, ``k + 1`` for step ``k``).
     """
     shape = tuple(shape)
-    numel = math.prod(shape)
-    if numel >= 2**32:
-        raise ValueError(f"philox_randn draws at most 2**32 - 1 values per call, got {numel}")
-    noise_offset = int(noise_offset)
+    if len(shape) == 0:
+        raise ValueError("shape must have a sample dimension (shape[0])")
+    batch = shape[0]
+    per_sample = math.prod(shape[1:])
+    noise_offset, index_base = int(noise_offset), int(index_base)
     if not (0 <= noise_offset < 2**32):
         raise ValueError(f"noise_offset must be an int in [0, 2**32), got {noise_offset}")
+    if not (0 <= index_base and index_base + batch <= 2**32):
+        raise ValueError(f"index_base + batch must lie in [0, 2**32] (sample indices are 32-bit), "
+                         f"got index_base={index_base}, batch={batch}")
+    if per_sample >= 4 * 2**32:
+        raise ValueError(f"philox_randn draws at most 4 * 2**32 - 1 values per sample, got {per_sample}")
     k0, k1 = _seed_words(seed)
-    counter = torch.arange(numel, dtype=torch.int64, device=device)
-    zero = torch.zeros_like(counter)
-    w0, w1, _, _ = philox4x32(counter, zero + noise_offset, zero, zero, k0, k1)
-    u1 = _uint32_to_uniform(w0).clamp_min(1.0e-7)
-    u2 = _uint32_to_uniform(w1)
-    theta = torch.tensor(6.283185307179586, dtype=torch.float32) * u2
-    radius = torch.sqrt(-2.0 * torch.log(u1))
-    return (radius * torch.cos(theta)).reshape(shape).to(dtype)
+    groups = -(-per_sample // _NORMALS_PER_CALL)
+    group = torch.arange(groups, dtype=torch.int64, device=device)[None, :]
+    sample = torch.arange(index_base, index_base + batch, dtype=torch.int64, device=device)[:, None]
+    group, sample = torch.broadcast_tensors(group, sample)
+    zero = torch.zeros_like(group)
+    w0, w1, w2, w3 = philox4x32(group, sample, zero + noise_offset, zero, k0, k1)
+    z0, z1 = _box_muller(_uint32_to_uniform(w0), _uint32_to_uniform(w1))
+    z2, z3 = _box_muller(_uint32_to_uniform(w2), _uint32_to_uniform(w3))
+    normals = torch.stack([z0, z1, z2, z3], dim=-1).reshape(batch, groups * _NORMALS_PER_CALL)
+    return normals[:, :per_sample].reshape(shape).to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,16 +165,12 @@ def _t_positive(t, x: torch.Tensor) -> Union[bool, torch.Tensor]:
     return float(int(t) > 0)
 
 
-def _noise_like(x: torch.Tensor, noise: Optional[torch.Tensor], seed, noise_offset, dtype) -> torch.Tensor:
+def _noise_like(x: torch.Tensor, noise: Optional[torch.Tensor], seed, noise_offset, index_base, dtype) -> torch.Tensor:
     if noise is not None:
         return noise.to(dtype)
     if seed is None:
         raise ValueError("either noise or seed must be given")
-    if isinstance(seed, torch.Tensor):
-        seed = int(seed)
-    if isinstance(noise_offset, torch.Tensor):
-        noise_offset = int(noise_offset)
-    return philox_randn(x.shape, seed, noise_offset, device=x.device, dtype=dtype)
+    return philox_randn(x.shape, int(seed), int(noise_offset), index_base=int(index_base), device=x.device, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,10 +184,11 @@ def q_sample(
     *,
     seed=None,
     noise_offset=0,
+    index_base=0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps. Returns (x_t, eps)."""
     dtype = _compute_dtype(x0)
-    eps = _noise_like(x0, noise, seed, noise_offset, dtype)
+    eps = _noise_like(x0, noise, seed, noise_offset, index_base, dtype)
     x_t = _gather(schedule, "sqrt_alphas_cumprod", t, x0, dtype) * x0.to(dtype) + _gather(
         schedule, "sqrt_one_minus_alphas_cumprod", t, x0, dtype
     ) * eps
@@ -240,6 +256,7 @@ def ddpm_step(
     noise: Optional[torch.Tensor] = None,
     seed=None,
     noise_offset=0,
+    index_base=0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """One ancestral step x_t -> x_{t-1} through the posterior with the predicted x_0.
 
@@ -251,7 +268,7 @@ def ddpm_step(
     mean = _gather(schedule, "posterior_mean_coef1", t, x_t, dtype) * x0 + _gather(
         schedule, "posterior_mean_coef2", t, x_t, dtype) * x_t.to(dtype)
     std = ddpm_std(t, x_t, schedule, variance_type, var_values)
-    z = _noise_like(x_t, noise, seed, noise_offset, dtype)
+    z = _noise_like(x_t, noise, seed, noise_offset, index_base, dtype)
     x_prev = mean + _t_positive(t, x_t) * std * z
     return x_prev.to(x_t.dtype), x0.to(x_t.dtype)
 
@@ -269,6 +286,7 @@ def ddim_step(
     noise: Optional[torch.Tensor] = None,
     seed=None,
     noise_offset=0,
+    index_base=0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """One DDIM step (Song et al. eq. 12) from index t to t-1 of a (respaced) schedule.
 
@@ -295,7 +313,7 @@ def ddim_step(
     direction = (_gather(schedule, "one_minus_alphas_cumprod_prev", t, x, dtype) - std * std).clamp_min(0.0).sqrt()
     x_prev = _gather(schedule, "sqrt_alphas_cumprod_prev", t, x, dtype) * x0 + direction * eps
     if eta > 0:
-        x_prev = x_prev + std * _noise_like(x_t, noise, seed, noise_offset, dtype)
+        x_prev = x_prev + std * _noise_like(x_t, noise, seed, noise_offset, index_base, dtype)
     return x_prev.to(x_t.dtype), x0.to(x_t.dtype)
 
 

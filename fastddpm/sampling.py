@@ -317,6 +317,7 @@ class _Plan:
         self.model_timesteps = self.schedule.timesteps.to(device)[:, None].expand(steps, batch).contiguous()
         self.step_index = torch.tensor(steps - 1, dtype=torch.int64, device=device)
         self.noise_offset = torch.tensor(_INITIAL_NOISE_OFFSET + 1, dtype=torch.int64, device=device)
+        self.index_base = torch.zeros((), dtype=torch.int64, device=device)
         self.seed_tensor = None
         self.noise_buffer = None
         if self.generator is None:
@@ -350,7 +351,8 @@ class _Plan:
     def _step(self) -> None:
         """Model call + reverse step + counter updates: device work only, no host reads."""
         output = self._model_output()
-        noise_args = dict(noise=self.noise_buffer, seed=self.seed_tensor, noise_offset=self.noise_offset)
+        noise_args = dict(noise=self.noise_buffer, seed=self.seed_tensor, noise_offset=self.noise_offset,
+                          index_base=self.index_base)
         common = dict(prediction_type=self.prediction_type, clip_denoised=self.clip_denoised,
                       clip_range=self.clip_range, out=self.x, pred_x0_out=self.pred_x0, return_pred_x0=False,
                       backend=self.backend, **noise_args)
@@ -429,10 +431,14 @@ class _Plan:
         so a failed capture leaves the state as it was and the loop continues eagerly.
         """
         graph = torch.cuda.CUDAGraph()
+        caller_stream = torch.cuda.current_stream()
         try:
             with torch.cuda.graph(graph):
                 self._step()
         except Exception as error:  # whatever the model did that a graph can't hold
+            # torch.cuda.graph's exit ends the capture before it restores the caller's stream, so
+            # a capture that fails to end leaves its side stream current: put the caller's back.
+            torch.cuda.set_stream(caller_stream)
             if self.cuda_graph is True:
                 raise RuntimeError(f"cuda_graph=True but capturing the model call and step failed: {error}") from error
             warnings.warn(f"fastddpm.sample: could not capture the model in a CUDA graph ({error}); "

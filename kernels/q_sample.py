@@ -5,7 +5,7 @@ import triton.language as tl
 
 from fastddpm.schedule import table_row
 
-from .noise import block_offsets, philox_normal
+from .noise import DEFAULT_BLOCK, DEFAULT_NUM_WARPS, GROUP, GROUP_SIZE, layout_2d, sample_noise
 
 _ROW_SQRT_AB = table_row("sqrt_alphas_cumprod")
 _ROW_SQRT_1M_AB = table_row("sqrt_one_minus_alphas_cumprod")
@@ -13,16 +13,20 @@ _ROW_SQRT_1M_AB = table_row("sqrt_one_minus_alphas_cumprod")
 
 @triton.jit
 def _q_sample_kernel(
-    x0_ptr, t_ptr, table_ptr, noise_ptr, seed_ptr, noise_offset_ptr, xt_ptr, noise_out_ptr,
+    x0_ptr, t_ptr, table_ptr, noise_ptr, seed_ptr, noise_offset_ptr, index_base_ptr, xt_ptr, noise_out_ptr,
     numel, per_sample, num_timesteps,
     ROW_SQRT_AB: tl.constexpr, ROW_SQRT_1M_AB: tl.constexpr,
     T_PER_SAMPLE: tl.constexpr, HAS_NOISE: tl.constexpr, WRITE_NOISE: tl.constexpr,
-    INDEX_64: tl.constexpr, BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr, FAST_MATH: tl.constexpr, INDEX_64: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    offs = block_offsets(BLOCK, INDEX_64)
+    rows, offs = layout_2d(BLOCK // GROUP, INDEX_64)
     mask = offs < numel
+    if ALIGNED:
+        sample = rows // (per_sample // GROUP)
+    else:
+        sample = offs // per_sample
     if T_PER_SAMPLE:
-        t = tl.load(t_ptr + offs // per_sample, mask=mask, other=0).to(tl.int32)
+        t = tl.load(t_ptr + sample, mask=(sample * per_sample) < numel, other=0).to(tl.int32)
     else:
         t = tl.load(t_ptr).to(tl.int32)
     # Out-of-range t on the device is clamped rather than read out of bounds (checking it on
@@ -34,32 +38,37 @@ def _q_sample_kernel(
     if HAS_NOISE:
         eps = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     else:
-        eps = philox_normal(tl.load(seed_ptr), tl.load(noise_offset_ptr), offs)
+        eps = sample_noise(seed_ptr, noise_offset_ptr, index_base_ptr, rows, offs, sample, per_sample,
+                           ALIGNED, FAST_MATH)
     tl.store(xt_ptr + offs, sqrt_ab * x0 + sqrt_1m_ab * eps, mask=mask)
     if WRITE_NOISE:
         tl.store(noise_out_ptr + offs, eps, mask=mask)
 
 
-def q_sample(x0, t, table, *, noise=None, seed=None, noise_offset=None, out=None, noise_out=None, block=1024):
+def q_sample(x0, t, table, *, noise=None, seed=None, noise_offset=None, index_base=None, out=None, noise_out=None,
+             fast_math=False, block=DEFAULT_BLOCK, num_warps=DEFAULT_NUM_WARPS):
     """Launch on contiguous tensors. ``t``: int tensor [] or [B]; ``table``: the schedule's packed
-    float32 table on x0's device; ``seed``/``noise_offset``: int64 tensors [] (used when
-    ``noise`` is None). Writes ``out`` (x_t) and, if given, ``noise_out``."""
+    float32 table on x0's device; ``seed``/``noise_offset``/``index_base``: int64 tensors [] (used
+    when ``noise`` is None). Writes ``out`` (x_t) and, if given, ``noise_out``."""
     numel = x0.numel()
     if out is None:
         out = torch.empty_like(x0)
     if numel == 0:
         return out
-    per_sample = numel // x0.shape[0] if x0.ndim else numel
+    per_sample = max(numel // x0.shape[0] if x0.ndim else numel, 1)
     dummy = out
+    in_kernel_noise = noise is None
     grid = (triton.cdiv(numel, block),)
     _q_sample_kernel[grid](
         x0, t, table,
         noise if noise is not None else dummy,
-        seed if seed is not None else t, noise_offset if noise_offset is not None else t,
+        seed if in_kernel_noise else t, noise_offset if in_kernel_noise else t, index_base if in_kernel_noise else t,
         out, noise_out if noise_out is not None else dummy,
-        numel, max(per_sample, 1), table.shape[1],
+        numel, per_sample, table.shape[1],
         ROW_SQRT_AB=_ROW_SQRT_AB, ROW_SQRT_1M_AB=_ROW_SQRT_1M_AB,
         T_PER_SAMPLE=t.ndim == 1, HAS_NOISE=noise is not None, WRITE_NOISE=noise_out is not None,
+        ALIGNED=per_sample % GROUP_SIZE == 0, FAST_MATH=bool(fast_math),
         INDEX_64=numel + block >= 2**31, BLOCK=block,
+        num_warps=num_warps,
     )
     return out

@@ -2,6 +2,9 @@
 posterior mean or the DDIM update, the standard deviation and the noise, and writes x_{t-1}
 (in place allowed: every element is read before it is written by the same program) and, when
 asked, x_0. DDPM and DDIM share the kernel through the ``SAMPLER`` constexpr.
+
+Each program covers ``BLOCK`` elements as rows of four (``noise.layout_2d``): one Philox call
+draws a row's four normals, and the row's loads stay 128-bit wide in float32.
 """
 import torch
 import triton
@@ -9,7 +12,7 @@ import triton.language as tl
 
 from fastddpm.schedule import table_row
 
-from .noise import block_offsets, philox_normal
+from .noise import DEFAULT_BLOCK, DEFAULT_NUM_WARPS, GROUP, GROUP_SIZE, layout_2d, sample_noise
 
 PREDICTION_CODES = {"epsilon": 0, "sample": 1, "v_prediction": 2}
 VARIANCE_CODES = {"fixed_small": 0, "fixed_small_log": 1, "fixed_large": 2, "learned": 3, "learned_range": 4}
@@ -36,7 +39,7 @@ def _coef(table_ptr, row, num_timesteps, t):
 
 @triton.jit
 def _reverse_step_kernel(
-    x_ptr, model_out_ptr, t_ptr, table_ptr, noise_ptr, seed_ptr, noise_offset_ptr, x_prev_ptr, x0_ptr,
+    x_ptr, model_out_ptr, t_ptr, table_ptr, noise_ptr, seed_ptr, noise_offset_ptr, index_base_ptr, x_prev_ptr, x0_ptr,
     numel, per_sample, out_sample_stride, num_timesteps, clip_range, eta,
     ROW_SQRT_AB: tl.constexpr, ROW_SQRT_1M_AB: tl.constexpr, ROW_SQRT_RECIP_AB: tl.constexpr,
     ROW_SQRT_RECIPM1_AB: tl.constexpr, ROW_COEF1: tl.constexpr, ROW_COEF2: tl.constexpr,
@@ -44,19 +47,27 @@ def _reverse_step_kernel(
     ROW_SQRT_AB_PREV: tl.constexpr, ROW_1M_AB_PREV: tl.constexpr,
     SAMPLER: tl.constexpr, PREDICTION: tl.constexpr, VARIANCE: tl.constexpr, CLIP: tl.constexpr,
     ADD_NOISE: tl.constexpr, HAS_NOISE: tl.constexpr, WRITE_X0: tl.constexpr, T_PER_SAMPLE: tl.constexpr,
+    SAME_LAYOUT: tl.constexpr, ALIGNED: tl.constexpr, FAST_MATH: tl.constexpr,
     INDEX_64: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    offs = block_offsets(BLOCK, INDEX_64)
+    rows, offs = layout_2d(BLOCK // GROUP, INDEX_64)
     mask = offs < numel
-    sample = offs // per_sample
+    # Batch position of each row (ALIGNED: a row never straddles two samples) or element.
+    if ALIGNED:
+        sample = rows // (per_sample // GROUP)
+    else:
+        sample = offs // per_sample
     if T_PER_SAMPLE:
-        t = tl.load(t_ptr + sample, mask=mask, other=0).to(tl.int32)
+        t = tl.load(t_ptr + sample, mask=(sample * per_sample) < numel, other=0).to(tl.int32)
     else:
         t = tl.load(t_ptr).to(tl.int32)
     t = tl.minimum(tl.maximum(t, 0), num_timesteps - 1)
 
     # The model output may carry variance channels after the mean channels of each sample.
-    out_offs = sample * out_sample_stride + (offs - sample * per_sample)
+    if SAME_LAYOUT:
+        out_offs = offs
+    else:
+        out_offs = offs + sample * (out_sample_stride - per_sample)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     out = tl.load(model_out_ptr + out_offs, mask=mask, other=0.0).to(tl.float32)
 
@@ -71,7 +82,8 @@ def _reverse_step_kernel(
         x0 = sqrt_ab * x - sqrt_1m_ab * out
     x0_unclipped = x0
     if CLIP:
-        x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
+        # NaN stays NaN (as in torch.clamp): plain min/max would turn it into +-clip_range on a GPU.
+        x0 = tl.clamp(x0, -clip_range, clip_range, propagate_nan=tl.PropagateNan.ALL)
 
     if SAMPLER == 0:  # DDPM posterior
         mean = _coef(table_ptr, ROW_COEF1, num_timesteps, t) * x0 + _coef(table_ptr, ROW_COEF2, num_timesteps, t) * x
@@ -107,7 +119,8 @@ def _reverse_step_kernel(
         if HAS_NOISE:
             z = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         else:
-            z = philox_normal(tl.load(seed_ptr), tl.load(noise_offset_ptr), offs)
+            z = sample_noise(seed_ptr, noise_offset_ptr, index_base_ptr, rows, offs, sample, per_sample,
+                             ALIGNED, FAST_MATH)
         x_prev = mean + std * z
     if WRITE_X0:
         tl.store(x0_ptr + offs, x0, mask=mask)
@@ -116,13 +129,16 @@ def _reverse_step_kernel(
 
 def reverse_step(
     model_output, t, x_t, table, *, sampler="ddpm", prediction_type="epsilon", variance_type="fixed_small",
-    clip_range=None, eta=0.0, noise=None, seed=None, noise_offset=None, out=None, pred_x0_out=None, block=1024,
+    clip_range=None, eta=0.0, noise=None, seed=None, noise_offset=None, index_base=None, out=None, pred_x0_out=None,
+    fast_math=False, block=DEFAULT_BLOCK, num_warps=DEFAULT_NUM_WARPS,
 ):
     """Launch on contiguous tensors. ``model_output`` is x_t's shape, or has twice its channels
     (dim 1) for learned variances; ``t``: int tensor [] or [B]; ``table``: the schedule's packed
-    float32 table on x_t's device; ``seed``/``noise_offset``: int64 tensors [] (used when
-    ``noise`` is None); ``clip_range=None`` disables clipping. Writes ``out`` (may be ``x_t``)
-    and, if given, ``pred_x0_out``."""
+    float32 table on x_t's device; ``seed``/``noise_offset``/``index_base``: int64 tensors []
+    (used when ``noise`` is None; ``index_base`` is the global index of the batch's first sample);
+    ``clip_range=None`` disables clipping; ``fast_math``: approximate transcendental instructions
+    for the noise (compiled kernels only). Writes ``out`` (may be ``x_t``) and, if given,
+    ``pred_x0_out``."""
     numel = x_t.numel()
     if out is None:
         out = torch.empty_like(x_t)
@@ -131,11 +147,12 @@ def reverse_step(
     per_sample = numel // x_t.shape[0]
     out_sample_stride = model_output.numel() // x_t.shape[0]
     add_noise = sampler == "ddpm" or eta > 0
+    in_kernel_noise = add_noise and noise is None
     grid = (triton.cdiv(numel, block),)
     _reverse_step_kernel[grid](
         x_t, model_output, t, table,
         noise if noise is not None else out,
-        seed if seed is not None else t, noise_offset if noise_offset is not None else t,
+        seed if in_kernel_noise else t, noise_offset if in_kernel_noise else t, index_base if in_kernel_noise else t,
         out, pred_x0_out if pred_x0_out is not None else out,
         numel, per_sample, out_sample_stride, table.shape[1],
         float(clip_range) if clip_range is not None else 0.0, float(eta),
@@ -144,6 +161,8 @@ def reverse_step(
         VARIANCE=VARIANCE_CODES[variance_type] if sampler == "ddpm" else 0,
         CLIP=clip_range is not None, ADD_NOISE=add_noise, HAS_NOISE=noise is not None,
         WRITE_X0=pred_x0_out is not None, T_PER_SAMPLE=t.ndim == 1,
+        SAME_LAYOUT=out_sample_stride == per_sample, ALIGNED=per_sample % GROUP_SIZE == 0, FAST_MATH=bool(fast_math),
         INDEX_64=max(numel, model_output.numel()) + block >= 2**31, BLOCK=block,
+        num_warps=num_warps,
     )
     return out

@@ -55,3 +55,15 @@ def one_cpu_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_tf32():
+    """Full float32 convolutions and matmuls on a GPU. cuDNN runs float32 convolutions in TF32 by
+    default (10-bit mantissa: ~1e-3 relative per product, measured 2.5e-2 on a small UNet), which a
+    comparison with a CPU float32 run at 1e-4 cannot absorb; tests that compare GPU with CPU
+    results turn it off. No effect on a CPU."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -58,10 +58,13 @@ def test_writes_png_grid_and_npz(unet_dir, tmp_path, capsys):
     assert np.array_equal(first_tile, expected)
 
 
+# These compare the command with fastddpm.sample on the CPU, so the command runs there too (on a
+# GPU machine its default device would be CUDA: TF32 convolutions and fast-math noise, which
+# test_sampling's CUDA tests compare with the CPU at the tolerance that follows from them).
 def test_cli_samples_are_fastddpm_sample_with_the_batch_seed(unet_dir, tiny_unet, tmp_path):
     out = tmp_path / "s.png"
     assert _run("--checkpoint", unet_dir, "--num-samples", 3, "--steps", 4, "--batch-size", 2, "--seed", 9,
-                "--out", out) == 0
+                "--device", "cpu", "--out", out) == 0
     got = np.load(out.with_suffix(".npz"))["samples"]
     schedule = NoiseSchedule.linear(T_TRAIN, beta_end=0.2)
     first_batch = sample(tiny_unet, (2, 1, 8, 8), schedule=schedule, num_steps=4, seed=9, progress=False)
@@ -71,7 +74,7 @@ def test_cli_samples_are_fastddpm_sample_with_the_batch_seed(unet_dir, tiny_unet
 
     again = tmp_path / "again.png"
     assert _run("--checkpoint", unet_dir, "--num-samples", 3, "--steps", 4, "--batch-size", 2, "--seed", 9,
-                "--out", again) == 0
+                "--device", "cpu", "--out", again) == 0
     assert np.array_equal(np.load(again.with_suffix(".npz"))["samples"], got)
 
 
@@ -82,7 +85,7 @@ def test_ddim_and_a_saved_pipeline_directory(tiny_unet, tmp_path):
     diffusers.DDPMPipeline(unet=tiny_unet, scheduler=scheduler).save_pretrained(tmp_path / "pipe")
     out = tmp_path / "ddim.png"
     assert _run("--checkpoint", tmp_path / "pipe", "--num-samples", 2, "--steps", 3, "--sampler", "ddim",
-                "--eta", 0.5, "--out", out) == 0
+                "--eta", 0.5, "--device", "cpu", "--out", out) == 0
     data = np.load(out.with_suffix(".npz"))
     assert data["samples"].shape == (2, 1, 8, 8)
     assert int(data["num_train_timesteps"]) == 30 and str(data["prediction_type"]) == "v_prediction"

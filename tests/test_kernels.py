@@ -462,3 +462,25 @@ def test_mixed_input_dtypes():
     scale = error_scale(t, SCHEDULE, x_t, model_output, noise)
     assert_close_to_reference(x_prev, ref_prev, torch.float16, "mixed dtypes x_prev", scale)
     assert_close_to_reference(x0, ref_x0, torch.float16, "mixed dtypes x0", scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# NaN propagates through clipping (a GPU's plain min/max would return the clip bound instead)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_model_output_stays_nan_through_clipping(sampler, dtype):
+    shape = (2, 3, 5, 4)
+    x_t = randn(shape, 31, dtype)
+    model_output = randn(shape, 32, dtype)
+    bad = torch.zeros(shape, dtype=torch.bool)
+    bad[0, 1, 2, 3] = bad[1, 0, 0, 0] = True
+    model_output[bad.to(KERNEL_DEVICE)] = float("nan")
+    step = ops.ddpm_step if sampler == "ddpm" else ops.ddim_step
+    x_prev, x0 = step(model_output, 500, x_t, SCHEDULE, clip_denoised=True, seed=3, backend=KERNEL_BACKEND)
+    expected_prev, expected_x0 = step(model_output.double(), 500, x_t.double(), SCHEDULE, clip_denoised=True, seed=3,
+                                      backend="reference")
+    assert torch.equal(x0.isnan().cpu(), bad) and torch.equal(expected_x0.isnan().cpu(), bad)
+    assert torch.equal(x_prev.isnan().cpu(), bad)
+    finite = ~bad.to(KERNEL_DEVICE)
+    assert (x0[finite].abs() <= 1).all()
