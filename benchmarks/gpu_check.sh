@@ -9,7 +9,7 @@
 # OUT_DIR defaults to $OUT (the device tool's folder) or ./gpu_check_out. WHEEL_DIR holds wheels
 # for packages the GPU image lacks (diffusers and its missing requirements), installed offline
 # with pip --no-index; default ../shared/gpu-wheels, else ./.whl. STAGES (environment) picks
-# stages: env tests tune kernels syncs e2e1 e2e128 (default: all, in that order).
+# stages: env tests kernels tune syncs e2e1 e2e128 (default: all, in that order).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dry=0
@@ -21,7 +21,7 @@ if [ -z "$wheels" ]; then
     if [ -d "$candidate" ]; then wheels="$candidate"; break; fi
   done
 fi
-stages="${STAGES:-env tests tune kernels syncs e2e1 e2e128}"
+stages="${STAGES:-env tests kernels tune syncs e2e1 e2e128}"
 mkdir -p "$out/files"
 log="$out/log.txt"
 export PYTHONUNBUFFERED=1
@@ -61,10 +61,14 @@ if [ "$dry" = 1 ]; then
 fi
 
 stage env 60 bash -c 'nvidia-smi; python3 -c "import torch, triton, diffusers, fastddpm; print(\"torch\", torch.__version__, \"triton\", triton.__version__, \"diffusers\", diffusers.__version__, torch.cuda.get_device_name())"; git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | head'
-stage tests "${TESTS_LIMIT:-200}" python3 -m pytest -q -x -p xdist -n 8 --junitxml="$out/files/junit.xml" -o addopts="-ra" tests
-stage tune 100 python3 benchmarks/tune.py --out "$out/files/tune.json"
-stage kernels 180 python3 benchmarks/run.py --only copy kernels --sizes 16M 64M --dtypes fp32 bf16 --out "$out/files/bench"
+# The GPU-facing test files (the rest run the CPU reference path, as in CI); TESTS=all for every file.
+if [ "${TESTS:-gpu}" = all ]; then test_files=(tests); else
+  test_files=(tests/test_kernels.py tests/test_noise.py tests/test_sampling.py tests/test_schedulers.py
+              tests/test_training.py tests/test_cli_sample.py tests/test_ops_errors.py); fi
+stage tests "${TESTS_LIMIT:-150}" python3 -m pytest -q -p xdist -n 16 --junitxml="$out/files/junit.xml" -o addopts="-ra" "${test_files[@]}"
+stage kernels 170 python3 benchmarks/run.py --only copy kernels --sizes 16M 64M --dtypes fp32 bf16 --out "$out/files/bench"
+stage tune 60 python3 benchmarks/tune.py --sizes 64M --out "$out/files/tune.json"
 stage syncs 60 python3 benchmarks/sync_count.py --out "$out/files/syncs.json"
-stage e2e1 200 python3 benchmarks/run.py --only e2e --e2e-batches 1 --e2e-steps 1000 50 --tag b1 --out "$out/files/bench"
-stage e2e128 150 python3 benchmarks/run.py --only e2e --e2e-batches 128 --e2e-steps 100 50 --tag b128 --out "$out/files/bench"
+stage e2e1 150 python3 benchmarks/run.py --only e2e --e2e-batches 1 --e2e-steps 1000 50 --tag b1 --out "$out/files/bench"
+stage e2e128 90 python3 benchmarks/run.py --only e2e --e2e-batches 128 --e2e-steps 50 20 --e2e-suites b --tag b128 --out "$out/files/bench"
 echo "done: $out" | tee -a "$log"

@@ -275,7 +275,7 @@ def q_sample(
         x0.contiguous(), t, schedule.table(x0.device, torch.float32),
         noise=noise.contiguous() if noise is not None else None,
         **_noise_scalars(noise is None, seed, noise_offset, index_base, x0.device),
-        out=target, noise_out=noise_out, fast_math=chosen == "triton",
+        out=target, noise_out=noise_out,
     )
     x_t = target if target is out or out is None else _write(out, target)
     if return_noise:
@@ -335,7 +335,7 @@ def _step(sampler, model_output, t, x_t, schedule, *, prediction_type, variance_
         sampler=sampler, prediction_type=prediction_type, variance_type=variance_type, clip_range=clip, eta=eta,
         noise=noise.contiguous() if (noise is not None and needs_noise) else None,
         **_noise_scalars(noise is None and needs_noise, seed, noise_offset, index_base, x_t.device),
-        out=target, pred_x0_out=x0_target, fast_math=chosen == "triton",
+        out=target, pred_x0_out=x0_target,
     )
     if out is not None and target is not out:
         out.copy_(target)

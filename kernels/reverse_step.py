@@ -12,7 +12,7 @@ import triton.language as tl
 
 from fastddpm.schedule import table_row
 
-from .noise import DEFAULT_BLOCK, DEFAULT_NUM_WARPS, GROUP, GROUP_SIZE, layout_2d, sample_noise
+from .noise import DEFAULT_BLOCK, DEFAULT_NUM_WARPS, batch_position, layout_2d, row_length, sample_noise
 
 PREDICTION_CODES = {"epsilon": 0, "sample": 1, "v_prediction": 2}
 VARIANCE_CODES = {"fixed_small": 0, "fixed_small_log": 1, "fixed_large": 2, "learned": 3, "learned_range": 4}
@@ -47,16 +47,12 @@ def _reverse_step_kernel(
     ROW_SQRT_AB_PREV: tl.constexpr, ROW_1M_AB_PREV: tl.constexpr,
     SAMPLER: tl.constexpr, PREDICTION: tl.constexpr, VARIANCE: tl.constexpr, CLIP: tl.constexpr,
     ADD_NOISE: tl.constexpr, HAS_NOISE: tl.constexpr, WRITE_X0: tl.constexpr, T_PER_SAMPLE: tl.constexpr,
-    SAME_LAYOUT: tl.constexpr, ALIGNED: tl.constexpr, FAST_MATH: tl.constexpr,
+    SAME_LAYOUT: tl.constexpr, ROW_LEN: tl.constexpr, ALIGNED: tl.constexpr,
     INDEX_64: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    rows, offs = layout_2d(BLOCK // GROUP, INDEX_64)
+    rows, offs = layout_2d(BLOCK // ROW_LEN, ROW_LEN, INDEX_64)
     mask = offs < numel
-    # Batch position of each row (ALIGNED: a row never straddles two samples) or element.
-    if ALIGNED:
-        sample = rows // (per_sample // GROUP)
-    else:
-        sample = offs // per_sample
+    sample = batch_position(rows, offs, per_sample, ROW_LEN, ALIGNED)
     if T_PER_SAMPLE:
         t = tl.load(t_ptr + sample, mask=(sample * per_sample) < numel, other=0).to(tl.int32)
     else:
@@ -120,7 +116,7 @@ def _reverse_step_kernel(
             z = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         else:
             z = sample_noise(seed_ptr, noise_offset_ptr, index_base_ptr, rows, offs, sample, per_sample,
-                             ALIGNED, FAST_MATH)
+                             ROW_LEN, ALIGNED)
         x_prev = mean + std * z
     if WRITE_X0:
         tl.store(x0_ptr + offs, x0, mask=mask)
@@ -130,14 +126,13 @@ def _reverse_step_kernel(
 def reverse_step(
     model_output, t, x_t, table, *, sampler="ddpm", prediction_type="epsilon", variance_type="fixed_small",
     clip_range=None, eta=0.0, noise=None, seed=None, noise_offset=None, index_base=None, out=None, pred_x0_out=None,
-    fast_math=False, block=DEFAULT_BLOCK, num_warps=DEFAULT_NUM_WARPS,
+    block=DEFAULT_BLOCK, num_warps=DEFAULT_NUM_WARPS,
 ):
     """Launch on contiguous tensors. ``model_output`` is x_t's shape, or has twice its channels
     (dim 1) for learned variances; ``t``: int tensor [] or [B]; ``table``: the schedule's packed
     float32 table on x_t's device; ``seed``/``noise_offset``/``index_base``: int64 tensors []
     (used when ``noise`` is None; ``index_base`` is the global index of the batch's first sample);
-    ``clip_range=None`` disables clipping; ``fast_math``: approximate transcendental instructions
-    for the noise (compiled kernels only). Writes ``out`` (may be ``x_t``) and, if given,
+    ``clip_range=None`` disables clipping. Writes ``out`` (may be ``x_t``) and, if given,
     ``pred_x0_out``."""
     numel = x_t.numel()
     if out is None:
@@ -145,6 +140,7 @@ def reverse_step(
     if numel == 0:
         return out
     per_sample = numel // x_t.shape[0]
+    row = row_length(x_t.element_size())
     out_sample_stride = model_output.numel() // x_t.shape[0]
     add_noise = sampler == "ddpm" or eta > 0
     in_kernel_noise = add_noise and noise is None
@@ -161,7 +157,7 @@ def reverse_step(
         VARIANCE=VARIANCE_CODES[variance_type] if sampler == "ddpm" else 0,
         CLIP=clip_range is not None, ADD_NOISE=add_noise, HAS_NOISE=noise is not None,
         WRITE_X0=pred_x0_out is not None, T_PER_SAMPLE=t.ndim == 1,
-        SAME_LAYOUT=out_sample_stride == per_sample, ALIGNED=per_sample % GROUP_SIZE == 0, FAST_MATH=bool(fast_math),
+        SAME_LAYOUT=out_sample_stride == per_sample, ROW_LEN=row, ALIGNED=per_sample % row == 0,
         INDEX_64=max(numel, model_output.numel()) + block >= 2**31, BLOCK=block,
         num_warps=num_warps,
     )
