@@ -22,7 +22,7 @@ from common import parse_size  # noqa: E402
 
 from fastddpm.kernels.noise import DEFAULT_BLOCK, DEFAULT_NUM_WARPS  # noqa: E402
 
-BLOCKS = (512, 1024, 2048, 4096)
+BLOCKS = (1024, 2048, 4096)
 WARPS = (4, 8)
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
