@@ -218,7 +218,13 @@ def _git(*args: str) -> Optional[str]:
 
 
 def git_state() -> Dict:
-    """Short commit and whether the working tree differs from it (read-only git calls)."""
+    """Short commit and whether the working tree differs from it (read-only git calls).
+
+    ``FASTDDPM_SOURCE_COMMIT`` overrides the commit: a copy of the tree sent to another machine
+    (the GPU check) can carry a stale ``.git``, whose HEAD is not the code that ran."""
+    override = os.environ.get("FASTDDPM_SOURCE_COMMIT")
+    if override:
+        return dict(commit=override, dirty=None, commit_from="FASTDDPM_SOURCE_COMMIT")
     commit = _git("rev-parse", "--short", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no")
     return dict(commit=commit or "unknown", dirty=None if status is None else bool(status))

@@ -10,6 +10,8 @@
 # for packages the GPU image lacks (diffusers and its missing requirements), installed offline
 # with pip --no-index; default ../shared/gpu-wheels, else ./.whl. STAGES (environment) picks
 # stages: env tests kernels tune syncs e2e1 e2e128 (default: all, in that order).
+# FASTDDPM_SOURCE_COMMIT names the commit that was sent, for the results' metadata (the copy of the
+# tree on a lent machine may carry a stale .git); gpu_check.sh records it in env.txt too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dry=0
@@ -60,7 +62,7 @@ if [ "$dry" = 1 ]; then
   exit 0
 fi
 
-stage env 60 bash -c 'nvidia-smi; python3 -c "import torch, triton, diffusers, fastddpm; print(\"torch\", torch.__version__, \"triton\", triton.__version__, \"diffusers\", diffusers.__version__, torch.cuda.get_device_name())"; git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | head'
+stage env 60 bash -c 'nvidia-smi; python3 -c "import torch, triton, diffusers, fastddpm; print(\"torch\", torch.__version__, \"triton\", triton.__version__, \"diffusers\", diffusers.__version__, torch.cuda.get_device_name())"; echo "source commit: ${FASTDDPM_SOURCE_COMMIT:-unset}"; git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | head'
 # The GPU-facing test files (the rest run the CPU reference path, as in CI); TESTS=all for every file.
 if [ "${TESTS:-gpu}" = all ]; then test_files=(tests); else
   test_files=(tests/test_kernels.py tests/test_noise.py tests/test_sampling.py tests/test_schedulers.py

@@ -1,0 +1,36 @@
+"""The GPU check's plumbing (benchmarks/gpu_check.sh --dry): every stage runs on a CPU in Triton's
+interpreter at tiny sizes and leaves its files, so a lent GPU's minutes are not spent on a typo."""
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_writes_every_stage(tmp_path):
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this venv's python3
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry", str(out)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    log = (out / "log.txt").read_text() if (out / "log.txt").exists() else done.stdout + done.stderr
+    assert done.returncode == 0, log
+    for stage in ("env", "tune", "syncs", "kernels"):
+        assert f"=== {stage}: exit 0" in log, log
+    with tarfile.open(out / "results.tgz") as archive:
+        names = set(archive.getnames())
+    assert {"files/tune.json", "files/syncs.json"} <= names
+    assert any(name.startswith("files/bench/") and name.endswith(".json") for name in names)
+    tune = json.loads((out / "files" / "tune.json").read_text())
+    # Every launch wrote every element, and the launch shape does not change the noise stream.
+    steps = [row for row in tune["rows"] if row["op"] != "copy"]
+    assert steps and all(row["all_written"] for row in steps)
+    assert all(row["same_as_first_shape"] in (None, True) for row in steps)
+    syncs = json.loads((out / "files" / "syncs.json").read_text())
+    assert any(row["case"].startswith("fastddpm.sample") for row in syncs["rows"])
