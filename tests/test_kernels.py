@@ -394,7 +394,9 @@ def test_seed_and_offset_as_tensors():
 # ---------------------------------------------------------------------------------------------
 # timestep embedding
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dim", [2, 7, 64, 513])
+# 64, 96 (16-column blocks, three a half), 513: blocks tile each half (SPLIT, one function a program);
+# 2, 7, 40: they do not (both functions, selected per column).
+@pytest.mark.parametrize("dim", [2, 7, 40, 64, 96, 513])
 @pytest.mark.parametrize("flip_sin_to_cos, downscale_freq_shift, scale, max_period",
                          [(False, 1, 1.0, 10000.0), (True, 0, 1.0, 10000.0), (False, 0, 1000.0, 100.0)])
 def test_timestep_embedding_kernel(dim, flip_sin_to_cos, downscale_freq_shift, scale, max_period):
