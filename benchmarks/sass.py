@@ -103,14 +103,15 @@ def _step(sampler="ddpm", variance_type="fixed_small", eta=0.0, given_noise=Fals
         x = torch.randn(BATCH, CHANNELS, HEIGHT, WIDTH).to(dtype)
         model_output = torch.randn(BATCH, 2 * CHANNELS if learned else CHANNELS, HEIGHT, WIDTH).to(dtype)
         t = torch.tensor(T_STEP, dtype=torch.int64)
-        needs_noise = sampler == "ddpm" or eta > 0
-        kwargs = dict(sampler=sampler, prediction_type="epsilon", variance_type=variance_type, clip_range=1.0,
-                      eta=eta, out=torch.empty_like(x), pred_x0_out=None)
-        if needs_noise and given_noise:
+        from fastddpm.step import StepSpec
+
+        spec = StepSpec(sampler, "epsilon", variance_type, clip_range=1.0, eta=eta)
+        kwargs = dict(out=torch.empty_like(x), pred_x0_out=None)
+        if spec.adds_noise and given_noise:
             kwargs["noise"] = torch.randn(x.shape).to(dtype)
-        elif needs_noise:
+        elif spec.adds_noise:
             kwargs.update(_noise_kwargs(torch, launcher))
-        return (model_output, t, x, _schedule_table(torch)), kwargs
+        return (spec, model_output, t, x, _schedule_table(torch)), kwargs
 
     return build
 

@@ -38,7 +38,9 @@ def main(argv=None) -> int:
     import torch
 
     from fastddpm import NoiseSchedule, ops
+    from fastddpm.step import StepSpec
 
+    spec = StepSpec("ddpm", "epsilon", "fixed_small", clip_range=1.0)  # the sampling loop's step
     device = "cpu" if args.dry else "cuda"
     kernels = ops._load_kernels(interpret=args.dry)
     sizes = args.sizes or ([4096] if args.dry else [parse_size("16M"), parse_size("64M")])
@@ -108,7 +110,7 @@ def main(argv=None) -> int:
                     if op == "ddpm_step":
                         def run(block=block, num_warps=num_warps, given=given):
                             return kernels.reverse_step(
-                                model_output, t, x, table, clip_range=1.0, noise=noise if given else None,
+                                spec, model_output, t, x, table, noise=noise if given else None,
                                 seed=seed, noise_offset=offset, index_base=base, out=out,
                                 block=block, num_warps=num_warps)
                     else:

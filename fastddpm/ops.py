@@ -17,10 +17,10 @@ from typing import Optional, Tuple, Union
 import torch
 
 from . import reference
-from .reference import LEARNED_VARIANCE_TYPES, PREDICTION_TYPES, VARIANCE_TYPES
 from .schedule import NoiseSchedule
+from .step import StepSpec
 
-__all__ = ["BACKENDS", "KERNEL_DTYPES", "q_sample", "ddpm_step", "ddim_step", "timestep_embedding",
+__all__ = ["BACKENDS", "KERNEL_DTYPES", "q_sample", "step", "ddpm_step", "ddim_step", "timestep_embedding",
            "resolve_backend", "triton_available"]
 
 BACKENDS = ("auto", "reference", "triton", "interpret")
@@ -283,45 +283,51 @@ def q_sample(
     return x_t
 
 
-def _check_step_args(model_output, t, x_t, schedule, prediction_type, variance_type, clip_range):
+def _check_step_args(spec, model_output, t, x_t, schedule):
+    if not isinstance(spec, StepSpec):
+        raise TypeError(f"spec must be a fastddpm.StepSpec, got {type(spec).__name__}")
     _check_floating("x_t", x_t)
     _check_floating("model_output", model_output)
     schedule = _check_schedule(schedule)
     if x_t.ndim < 1:
         raise ValueError("x_t must have a batch dimension (shape [B, ...])")
     _check_same_device("model_output", model_output, x_t, "x_t")
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-    if variance_type not in VARIANCE_TYPES:
-        raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
-    if variance_type in LEARNED_VARIANCE_TYPES:
-        expected = (x_t.shape[0], 2 * x_t.shape[1]) + tuple(x_t.shape[2:]) if x_t.ndim >= 2 else None
-        if expected is None or tuple(model_output.shape) != expected:
-            raise ValueError(f"with variance_type={variance_type!r} model_output must have twice the channels of "
-                             f"x_t (dim 1): expected {expected}, got {tuple(model_output.shape)}")
-    elif model_output.shape != x_t.shape:
-        raise ValueError(f"model_output must have the shape of x_t {tuple(x_t.shape)}, got {tuple(model_output.shape)}")
-    if clip_range is not None and not clip_range > 0:
-        raise ValueError(f"clip_range must be > 0, got {clip_range}")
+    expected = spec.model_output_shape(x_t.shape)
+    if tuple(model_output.shape) != expected:
+        why = (f" (variance_type={spec.variance_type!r}: twice the channels of x_t, dim 1)"
+               if spec.learned_variance else " (the shape of x_t)")
+        raise ValueError(f"model_output must have shape {expected}{why}, got {tuple(model_output.shape)}")
     return schedule, _check_t(t, x_t.shape[0], schedule.num_timesteps, x_t.device)
 
 
-def _step(sampler, model_output, t, x_t, schedule, *, prediction_type, variance_type, clip_denoised, clip_range,
-          eta, noise, seed, noise_offset, index_base, out, pred_x0_out, return_pred_x0, backend):
-    schedule, t_index = _check_step_args(model_output, t, x_t, schedule, prediction_type, variance_type, clip_range)
-    needs_noise = sampler == "ddpm" or eta > 0
-    _check_noise(noise, x_t, seed, noise_offset, index_base, needed=needs_noise)
+def step(
+    spec: StepSpec,
+    model_output: torch.Tensor,
+    t,
+    x_t: torch.Tensor,
+    schedule: NoiseSchedule,
+    *,
+    noise: Optional[torch.Tensor] = None,
+    seed=None,
+    noise_offset=0,
+    index_base=0,
+    out: Optional[torch.Tensor] = None,
+    pred_x0_out: Optional[torch.Tensor] = None,
+    return_pred_x0: bool = True,
+    backend: Optional[str] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One reverse step of ``spec`` (a :class:`fastddpm.StepSpec`); returns (x_{t-1}, predicted
+    x_0 or None). :func:`ddpm_step` and :func:`ddim_step` build the spec from keywords; the
+    arguments are theirs."""
+    schedule, t_index = _check_step_args(spec, model_output, t, x_t, schedule)
+    _check_noise(noise, x_t, seed, noise_offset, index_base, needed=spec.adds_noise)
     _check_out("out", out, x_t)
     _check_out("pred_x0_out", pred_x0_out, x_t)
     chosen = resolve_backend(backend, x_t.device, x_t.dtype)
-    clip = clip_range if clip_denoised else None
+    noise = noise if spec.adds_noise else None
     if chosen == "reference":
-        common = dict(prediction_type=prediction_type, clip_denoised=clip_denoised, clip_range=clip_range,
-                      noise=noise, seed=seed, noise_offset=noise_offset, index_base=index_base)
-        if sampler == "ddpm":
-            x_prev, x0 = reference.ddpm_step(model_output, t_index, x_t, schedule, variance_type=variance_type, **common)
-        else:
-            x_prev, x0 = reference.ddim_step(model_output, t_index, x_t, schedule, eta=eta, **common)
+        x_prev, x0 = reference.step(spec, model_output, t_index, x_t, schedule, noise=noise, seed=seed,
+                                    noise_offset=noise_offset, index_base=index_base)
         x_prev = _write(out, x_prev)
         x0 = _write(pred_x0_out, x0)
         return (x_prev, x0) if return_pred_x0 or pred_x0_out is not None else (x_prev, None)
@@ -331,10 +337,9 @@ def _step(sampler, model_output, t, x_t, schedule, *, prediction_type, variance_
     if return_pred_x0 or pred_x0_out is not None:
         x0_target = _kernel_target(pred_x0_out, x_t)
     kernels.reverse_step(
-        model_output.contiguous(), t_index, x_t.contiguous(), schedule.table(x_t.device, torch.float32),
-        sampler=sampler, prediction_type=prediction_type, variance_type=variance_type, clip_range=clip, eta=eta,
-        noise=noise.contiguous() if (noise is not None and needs_noise) else None,
-        **_noise_scalars(noise is None and needs_noise, seed, noise_offset, index_base, x_t.device),
+        spec, model_output.contiguous(), t_index, x_t.contiguous(), schedule.table(x_t.device, torch.float32),
+        noise=noise.contiguous() if noise is not None else None,
+        **_noise_scalars(noise is None and spec.adds_noise, seed, noise_offset, index_base, x_t.device),
         out=target, pred_x0_out=x0_target,
     )
     if out is not None and target is not out:
@@ -375,10 +380,11 @@ def ddpm_step(
     :func:`fastddpm.reference.philox_randn`); none is added where t == 0. ``out=x_t`` updates in place. With
     ``return_pred_x0=False`` the kernel does not write x_0 (less memory traffic).
     """
-    return _step("ddpm", model_output, t, x_t, schedule, prediction_type=prediction_type, variance_type=variance_type,
-                 clip_denoised=clip_denoised, clip_range=clip_range, eta=0.0, noise=noise, seed=seed,
-                 noise_offset=noise_offset, index_base=index_base, out=out, pred_x0_out=pred_x0_out, return_pred_x0=return_pred_x0,
-                 backend=backend)
+    spec = StepSpec.build("ddpm", prediction_type=prediction_type, variance_type=variance_type,
+                          clip_denoised=clip_denoised, clip_range=clip_range)
+    return step(spec, model_output, t, x_t, schedule, noise=noise, seed=seed, noise_offset=noise_offset,
+                index_base=index_base, out=out, pred_x0_out=pred_x0_out, return_pred_x0=return_pred_x0,
+                backend=backend)
 
 
 def ddim_step(
@@ -403,12 +409,11 @@ def ddim_step(
     """One DDIM step from index t to t-1 of a (usually respaced) schedule; returns
     (x_{t-1}, predicted x_0 or None). ``eta=0`` is deterministic; ``eta=1`` has DDPM's
     posterior variance. Other arguments as in :func:`ddpm_step`."""
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
-        raise ValueError(f"eta must be a float >= 0, got {eta!r}")
-    return _step("ddim", model_output, t, x_t, schedule, prediction_type=prediction_type, variance_type="fixed_small",
-                 clip_denoised=clip_denoised, clip_range=clip_range, eta=float(eta), noise=noise, seed=seed,
-                 noise_offset=noise_offset, index_base=index_base, out=out, pred_x0_out=pred_x0_out, return_pred_x0=return_pred_x0,
-                 backend=backend)
+    spec = StepSpec.build("ddim", prediction_type=prediction_type, clip_denoised=clip_denoised,
+                          clip_range=clip_range, eta=eta)
+    return step(spec, model_output, t, x_t, schedule, noise=noise, seed=seed, noise_offset=noise_offset,
+                index_base=index_base, out=out, pred_x0_out=pred_x0_out, return_pred_x0=return_pred_x0,
+                backend=backend)
 
 
 def timestep_embedding(

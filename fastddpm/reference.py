@@ -13,6 +13,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .schedule import NoiseSchedule
+from .step import LEARNED_VARIANCE_TYPES, PREDICTION_TYPES, VARIANCE_TYPES, StepSpec, check_choice
 
 __all__ = [
     "PREDICTION_TYPES",
@@ -20,18 +21,13 @@ __all__ = [
     "philox4x32",
     "philox_randn",
     "q_sample",
+    "step",
     "predict_x0",
     "ddpm_step",
     "ddim_step",
     "timestep_embedding",
 ]
 
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-# fixed_small: posterior variance beta~_t; fixed_small_log: the same through its clipped log;
-# fixed_large: beta_t; learned: the model outputs log-variance; learned_range: the model outputs
-# v in [-1, 1] interpolating log beta~_t .. log beta_t (Nichol & Dhariwal).
-VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
-LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 
 # ---------------------------------------------------------------------------------------------
 # Philox4x32-10 + Box-Muller: the kernels' noise stream (fastddpm/kernels/noise.py)
@@ -218,7 +214,7 @@ def predict_x0(model_output, t, x_t, schedule, prediction_type="epsilon", clip_r
         x0 = _gather(schedule, "sqrt_alphas_cumprod", t, x, dtype) * x - _gather(
             schedule, "sqrt_one_minus_alphas_cumprod", t, x, dtype) * out
     else:
-        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)  # raises
     if clip_range is not None:
         x0 = x0.clamp(-clip_range, clip_range)
     return x0
@@ -240,81 +236,72 @@ def ddpm_std(t, x_t, schedule, variance_type="fixed_small", variance_values: Opt
         max_log = _gather(schedule, "log_betas", t, x_t, dtype)
         frac = (variance_values.to(dtype) + 1.0) / 2.0
         return torch.exp(0.5 * (frac * max_log + (1.0 - frac) * min_log))
-    raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
+    check_choice("variance_type", variance_type, VARIANCE_TYPES)  # raises
+    raise AssertionError(variance_type)
 
 
-def ddpm_step(
+def step(
+    spec: StepSpec,
     model_output: torch.Tensor,
     t,
     x_t: torch.Tensor,
     schedule: NoiseSchedule,
     *,
-    prediction_type: str = "epsilon",
-    variance_type: str = "fixed_small",
-    clip_denoised: bool = True,
-    clip_range: float = 1.0,
     noise: Optional[torch.Tensor] = None,
     seed=None,
     noise_offset=0,
     index_base=0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One ancestral step x_t -> x_{t-1} through the posterior with the predicted x_0.
+    """One reverse step x_t -> x_{t-1} of ``spec``; returns (x_{t-1}, predicted x_0).
 
-    Returns (x_{t-1}, predicted x_0). No noise is added where t == 0.
+    DDPM: the posterior q(x_{t-1} | x_t, x_0) at the predicted x_0, with sigma_t from
+    ``spec.variance_type``; no noise where t == 0. DDIM (Song et al. eq. 12) on a respaced
+    schedule: eps as the model predicted it (converted for ``sample``/``v_prediction``, as diffusers'
+    DDIMScheduler with ``use_clipped_model_output=False``) and sigma_t = eta sqrt(beta~_t).
     """
     dtype = _compute_dtype(x_t)
-    out, var_values = _split_model_output(model_output, x_t, variance_type)
-    x0 = predict_x0(out, t, x_t, schedule, prediction_type, clip_range if clip_denoised else None)
-    mean = _gather(schedule, "posterior_mean_coef1", t, x_t, dtype) * x0 + _gather(
-        schedule, "posterior_mean_coef2", t, x_t, dtype) * x_t.to(dtype)
-    std = ddpm_std(t, x_t, schedule, variance_type, var_values)
-    z = _noise_like(x_t, noise, seed, noise_offset, index_base, dtype)
-    x_prev = mean + _t_positive(t, x_t) * std * z
-    return x_prev.to(x_t.dtype), x0.to(x_t.dtype)
-
-
-def ddim_step(
-    model_output: torch.Tensor,
-    t,
-    x_t: torch.Tensor,
-    schedule: NoiseSchedule,
-    *,
-    eta: float = 0.0,
-    prediction_type: str = "epsilon",
-    clip_denoised: bool = True,
-    clip_range: float = 1.0,
-    noise: Optional[torch.Tensor] = None,
-    seed=None,
-    noise_offset=0,
-    index_base=0,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One DDIM step (Song et al. eq. 12) from index t to t-1 of a (respaced) schedule.
-
-    eps is the model's own prediction (converted for ``sample``/``v_prediction``), as in
-    diffusers' DDIMScheduler with ``use_clipped_model_output=False``;
-    sigma_t = eta * sqrt(posterior variance). Returns (x_{t-1}, predicted x_0).
-    """
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
-    dtype = _compute_dtype(x_t)
-    x, out = x_t.to(dtype), model_output.to(dtype)
-    sqrt_ab = _gather(schedule, "sqrt_alphas_cumprod", t, x, dtype)
-    sqrt_1m_ab = _gather(schedule, "sqrt_one_minus_alphas_cumprod", t, x, dtype)
-    if prediction_type == "epsilon":
-        eps = out
-    elif prediction_type == "sample":
-        eps = (x - sqrt_ab * out) / sqrt_1m_ab
-    elif prediction_type == "v_prediction":
-        eps = sqrt_ab * out + sqrt_1m_ab * x
+    x = x_t.to(dtype)
+    mean_output, variance_values = _split_model_output(model_output, x_t, spec.variance_type)
+    out = mean_output.to(dtype)
+    x0 = predict_x0(out, t, x, schedule, spec.prediction_type, spec.clip_range)
+    if spec.sampler == "ddpm":
+        mean = _gather(schedule, "posterior_mean_coef1", t, x, dtype) * x0 + _gather(
+            schedule, "posterior_mean_coef2", t, x, dtype) * x
+        std = _t_positive(t, x) * ddpm_std(t, x, schedule, spec.variance_type, variance_values)
     else:
-        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-    x0 = predict_x0(out, t, x, schedule, prediction_type, clip_range if clip_denoised else None)
-    std = eta * _gather(schedule, "posterior_variance", t, x, dtype).sqrt()
-    direction = (_gather(schedule, "one_minus_alphas_cumprod_prev", t, x, dtype) - std * std).clamp_min(0.0).sqrt()
-    x_prev = _gather(schedule, "sqrt_alphas_cumprod_prev", t, x, dtype) * x0 + direction * eps
-    if eta > 0:
-        x_prev = x_prev + std * _noise_like(x_t, noise, seed, noise_offset, index_base, dtype)
+        sqrt_ab = _gather(schedule, "sqrt_alphas_cumprod", t, x, dtype)
+        sqrt_1m_ab = _gather(schedule, "sqrt_one_minus_alphas_cumprod", t, x, dtype)
+        if spec.prediction_type == "epsilon":
+            eps = out
+        elif spec.prediction_type == "sample":
+            eps = (x - sqrt_ab * out) / sqrt_1m_ab
+        else:
+            eps = sqrt_ab * out + sqrt_1m_ab * x
+        std = spec.eta * _gather(schedule, "posterior_variance", t, x, dtype).sqrt()
+        direction = (_gather(schedule, "one_minus_alphas_cumprod_prev", t, x, dtype) - std * std).clamp_min(0.0).sqrt()
+        mean = _gather(schedule, "sqrt_alphas_cumprod_prev", t, x, dtype) * x0 + direction * eps
+    x_prev = mean
+    if spec.adds_noise:
+        x_prev = mean + std * _noise_like(x_t, noise, seed, noise_offset, index_base, dtype)
     return x_prev.to(x_t.dtype), x0.to(x_t.dtype)
+
+
+def ddpm_step(model_output, t, x_t, schedule, *, prediction_type="epsilon", variance_type="fixed_small",
+              clip_denoised=True, clip_range=1.0, noise=None, seed=None, noise_offset=0, index_base=0):
+    """:func:`step` of a DDPM spec; returns (x_{t-1}, predicted x_0)."""
+    spec = StepSpec.build("ddpm", prediction_type=prediction_type, variance_type=variance_type,
+                          clip_denoised=clip_denoised, clip_range=clip_range)
+    return step(spec, model_output, t, x_t, schedule, noise=noise, seed=seed, noise_offset=noise_offset,
+                index_base=index_base)
+
+
+def ddim_step(model_output, t, x_t, schedule, *, eta=0.0, prediction_type="epsilon", clip_denoised=True,
+              clip_range=1.0, noise=None, seed=None, noise_offset=0, index_base=0):
+    """:func:`step` of a DDIM spec; returns (x_{t-1}, predicted x_0)."""
+    spec = StepSpec.build("ddim", prediction_type=prediction_type, clip_denoised=clip_denoised,
+                          clip_range=clip_range, eta=eta)
+    return step(spec, model_output, t, x_t, schedule, noise=noise, seed=seed, noise_offset=noise_offset,
+                index_base=index_base)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,20 +15,21 @@ order diffusers' pipelines draw them (x_T, then one draw per step that adds nois
 from __future__ import annotations
 
 import math
-import numbers
 import operator
 import warnings
+import weakref
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from . import ops, reference
-from .reference import LEARNED_VARIANCE_TYPES, PREDICTION_TYPES, VARIANCE_TYPES
+from .samplers import SAMPLERS as _REGISTRY
 from .schedule import NoiseSchedule, as_schedule
+from .step import StepSpec
 
 __all__ = ["sample", "SAMPLERS"]
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = tuple(_REGISTRY)  # the registry's names (fastddpm.samplers)
 _SEED_LIMIT = 2**63
 # Noise offset of x_T; step k draws from offset k + 1.
 _INITIAL_NOISE_OFFSET = 0
@@ -53,6 +54,7 @@ def sample(
     seed: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     noise: Optional[torch.Tensor] = None,
+    first_index: int = 0,
     device: Optional[Union[str, torch.device]] = None,
     dtype: Optional[torch.dtype] = None,
     progress: bool = True,
@@ -89,6 +91,9 @@ def sample(
             together with ``seed``. With neither, a seed is drawn from torch's global RNG, so
             ``torch.manual_seed`` makes the call reproducible.
         noise: optional initial sample x_T of ``shape`` (copied, never modified).
+        first_index: global index of the batch's first sample in the seed's stream: sample
+            ``first_index + b`` of the batch draws the noise of that index whatever the batch
+            size (see :func:`fastddpm.reference.philox_randn`). Only with ``seed``.
         device: where to sample; default the model's parameters' device (else ``noise``'s,
             else CPU).
         dtype: dtype of the sample; default the model's parameters' floating dtype, else
@@ -119,11 +124,12 @@ def sample(
     """
     plan = _Plan.build(model, shape, schedule=schedule, num_steps=num_steps, sampler=sampler, eta=eta,
                        prediction_type=prediction_type, variance_type=variance_type, clip_denoised=clip_denoised,
-                       clip_range=clip_range, seed=seed, generator=generator, noise=noise, device=device,
+                       clip_range=clip_range, seed=seed, generator=generator, noise=noise,
+                       first_index=first_index, device=device,
                        dtype=dtype, progress=progress, return_intermediates=return_intermediates,
                        callback=callback, cuda_graph=cuda_graph, backend=backend)
     with torch.no_grad():
-        return plan.run()
+        return _run(plan)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,47 +205,39 @@ def _check_seed(seed, generator) -> Optional[int]:
     return None if seed is None else operator.index(seed)
 
 
-def _schedule_for(schedule, num_steps) -> NoiseSchedule:
-    schedule = as_schedule(schedule)
-    total = schedule.num_timesteps
+def _check_num_steps(num_steps, total: int) -> Optional[int]:
     if num_steps is None:
-        return schedule
+        return None
     if not _is_int(num_steps):
         raise TypeError(f"num_steps must be an int, got {type(num_steps).__name__}")
     num_steps = operator.index(num_steps)
     if not 1 <= num_steps <= total:
         raise ValueError(f"num_steps must lie in [1, {total}] (the schedule has T={total} steps), got {num_steps}")
-    # Both samplers use the same evenly spaced subsequence; DDIM's final step then lands on
-    # alpha_bar_prev = 1 (final_alpha_cumprod), i.e. it returns the predicted x_0.
-    return schedule.respace_evenly(num_steps)
+    return num_steps
 
 
 # ---------------------------------------------------------------------------------------------
 # the sampling loop
 # ---------------------------------------------------------------------------------------------
 class _Plan:
-    """Validated arguments and the device state of one sampling run."""
+    """Validated arguments of one sampling call (host values only)."""
 
     @classmethod
     def build(cls, model, shape, *, schedule, num_steps, sampler, eta, prediction_type, variance_type,
-              clip_denoised, clip_range, seed, generator, noise, device, dtype, progress, return_intermediates,
-              callback, cuda_graph, backend) -> "_Plan":
+              clip_denoised, clip_range, seed, generator, noise, first_index, device, dtype, progress,
+              return_intermediates, callback, cuda_graph, backend) -> "_Plan":
         if not callable(model):
             raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
         shape = _check_shape(shape)
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not (eta >= 0 and math.isfinite(eta)):
-            raise ValueError(f"eta must be a finite float >= 0, got {eta!r}")
-        if sampler == "ddpm" and eta != 0:
-            raise ValueError(f"eta applies to sampler='ddim' only, got eta={eta} with sampler='ddpm'")
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-        if variance_type not in VARIANCE_TYPES:
-            raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
-        if isinstance(clip_range, bool) or not isinstance(clip_range, numbers.Real) or not clip_range > 0:
+        if isinstance(clip_range, bool):
             raise ValueError(f"clip_range must be a number > 0, got {clip_range!r}")
+        spec = StepSpec.build(sampler, prediction_type=prediction_type, variance_type=variance_type,
+                              clip_denoised=bool(clip_denoised), clip_range=clip_range, eta=eta)
         seed = _check_seed(seed, generator)
+        if not (_is_int(first_index) and 0 <= first_index and first_index + shape[0] <= 2**32):
+            raise ValueError(f"first_index must be an int with first_index + batch <= 2**32, got {first_index!r}")
+        if first_index and generator is not None:
+            raise ValueError("first_index indexes the seed's noise stream; it does not apply to a generator")
         if noise is not None:
             if not isinstance(noise, torch.Tensor):
                 raise TypeError(f"noise must be a torch.Tensor (the initial x_T), got {type(noise).__name__}")
@@ -252,7 +250,9 @@ class _Plan:
         if cuda_graph not in ("auto", True, False):
             raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
 
-        schedule = _schedule_for(schedule, num_steps)
+        trained = as_schedule(schedule)
+        sampler_entry = _REGISTRY[spec.sampler]
+        schedule = sampler_entry.schedule(trained, _check_num_steps(num_steps, trained.num_timesteps))
         device = _resolve_device(device, model, noise)
         dtype = _resolve_dtype(dtype, model)
         chosen_backend = ops.resolve_backend(backend, device, dtype)
@@ -260,189 +260,228 @@ class _Plan:
         if cuda_graph is True and not use_graph:
             raise ValueError(f"cuda_graph=True needs a CUDA device and the Triton kernels; got device {device} "
                              f"and backend {chosen_backend!r}")
-        if generator is None and math.prod(shape) >= 2**32:
-            raise ValueError(f"the Philox noise covers at most 2**32 - 1 elements a step, shape {shape} has "
-                             f"{math.prod(shape)}; pass a generator or sample in smaller batches")
+        if generator is None and math.prod(shape[1:]) >= 4 * 2**32:
+            raise ValueError(f"the Philox noise covers at most 4 * 2**32 - 1 elements a sample, shape {shape} "
+                             f"has {math.prod(shape[1:])}; pass a generator")
         if seed is None and generator is None:
             # From torch's global RNG, so that torch.manual_seed makes the call reproducible.
             seed = int(torch.randint(0, _SEED_LIMIT - 1, (), dtype=torch.int64))
 
         plan = cls()
-        plan.model, plan.shape, plan.schedule, plan.sampler = model, shape, schedule, sampler
-        plan.eta, plan.prediction_type, plan.variance_type = float(eta), prediction_type, variance_type
-        plan.clip_denoised, plan.clip_range = bool(clip_denoised), float(clip_range)
-        plan.seed, plan.generator, plan.initial_noise = seed, generator, noise
+        plan.model, plan.shape, plan.schedule, plan.spec, plan.sampler = model, shape, schedule, spec, sampler_entry
+        plan.seed, plan.generator, plan.initial_noise, plan.first_index = seed, generator, noise, int(first_index)
         plan.device, plan.dtype, plan.backend = device, dtype, chosen_backend
         plan.progress, plan.return_intermediates, plan.callback = progress, return_intermediates, callback
         plan.cuda_graph, plan.use_graph = cuda_graph, use_graph
         return plan
 
-    # ------------------------------------------------------------------ set-up
     @property
     def num_steps(self) -> int:
         return self.schedule.num_timesteps
 
-    @property
-    def learned_variance(self) -> bool:
-        return self.variance_type in LEARNED_VARIANCE_TYPES
+    def graph_key(self) -> tuple:
+        """What a captured graph depends on besides the model: shapes, dtypes, the step, the chain."""
+        return (self.shape, self.dtype, self.device, self.spec, self.sampler, self.backend,
+                self.schedule.num_timesteps, self.schedule.timesteps.tolist(), self.schedule.betas.tolist(),
+                self.generator is None, self.callback is not None)
 
-    @property
-    def expected_output_shape(self) -> Tuple[int, ...]:
-        if self.learned_variance:
-            return (self.shape[0], 2 * self.shape[1]) + self.shape[2:]
-        return self.shape
 
-    @property
-    def step_adds_noise(self) -> bool:
-        return self.sampler == "ddpm" or self.eta > 0
+class _Denoiser:
+    """``model(x, t)`` as the steps need it: the output tensor (a diffusers output's ``.sample``),
+    in the shape the step spec expects, checked once (the first call)."""
 
-    def _draw(self) -> torch.Tensor:
-        """One ``torch.randn`` of the sample's shape from the generator, as diffusers draws it."""
-        drawn = torch.randn(self.shape, generator=self.generator, device=self.generator.device, dtype=self.dtype)
-        return drawn.to(self.device)
+    def __init__(self, model, spec: StepSpec, shape):
+        self.model, self.expected = model, spec.model_output_shape(shape)
+        self.why = (f" (variance_type={spec.variance_type!r} needs twice the sample's {shape[1]} channels)"
+                    if spec.learned_variance else "")
+        self.checked = False
 
-    def _initial_sample(self) -> torch.Tensor:
-        if self.initial_noise is not None:
-            return self.initial_noise.to(device=self.device, dtype=self.dtype, copy=True).contiguous()
-        if self.generator is not None:
-            return self._draw().contiguous()
-        x_T = reference.philox_randn(self.shape, self.seed, _INITIAL_NOISE_OFFSET, device=self.device)
-        return x_T.to(self.dtype).contiguous()
-
-    def _allocate_state(self) -> None:
-        """Device tensors the step reads and advances; fixed addresses, so a CUDA graph can too."""
-        device, steps, batch = self.device, self.num_steps, self.shape[0]
-        self.x = self._initial_sample()
-        # Row i: the trained timestep of schedule index i, once per sample.
-        self.model_timesteps = self.schedule.timesteps.to(device)[:, None].expand(steps, batch).contiguous()
-        self.step_index = torch.tensor(steps - 1, dtype=torch.int64, device=device)
-        self.noise_offset = torch.tensor(_INITIAL_NOISE_OFFSET + 1, dtype=torch.int64, device=device)
-        self.index_base = torch.zeros((), dtype=torch.int64, device=device)
-        self.seed_tensor = None
-        self.noise_buffer = None
-        if self.generator is None:
-            self.seed_tensor = torch.tensor(self.seed, dtype=torch.int64, device=device)
-        elif self.step_adds_noise:
-            # Steps that add no noise (DDPM's last) still read it, times a zero std: keep it finite.
-            self.noise_buffer = torch.zeros(self.shape, dtype=self.dtype, device=device)
-        wants_pred_x0 = self.callback is not None
-        self.pred_x0 = torch.empty_like(self.x) if wants_pred_x0 else None
-        self.schedule.table(device, torch.float32)  # build the device table now, not during capture
-
-    # ------------------------------------------------------------------ one step
-    def _model_output(self) -> torch.Tensor:
-        t = self.model_timesteps.index_select(0, self.step_index.view(1)).view(-1)
-        output = self.model(self.x, t)
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        output = self.model(x, t)
         if not isinstance(output, torch.Tensor):
-            inner = getattr(output, "sample", None)
-            if not isinstance(inner, torch.Tensor):
+            output = getattr(output, "sample", output)
+        if not self.checked:
+            if not isinstance(output, torch.Tensor):
                 raise TypeError(f"model(x, t) must return a tensor or an object with a .sample tensor, "
                                 f"got {type(output).__name__}")
-            output = inner
-        expected = self.expected_output_shape
-        if tuple(output.shape) != expected:
-            why = (f" (variance_type={self.variance_type!r} needs twice the sample's {self.shape[1]} channels)"
-                   if self.learned_variance else "")
-            raise ValueError(f"model output has the wrong shape: expected {expected}{why}, got {tuple(output.shape)}")
-        if self.sampler == "ddim" and self.learned_variance:
-            output = output[:, : self.shape[1]]
+            if tuple(output.shape) != self.expected:
+                raise ValueError(f"model output has the wrong shape: expected {self.expected}{self.why}, "
+                                 f"got {tuple(output.shape)}")
+            self.checked = True
         return output
 
-    def _step(self) -> None:
-        """Model call + reverse step + counter updates: device work only, no host reads."""
-        output = self._model_output()
-        noise_args = dict(noise=self.noise_buffer, seed=self.seed_tensor, noise_offset=self.noise_offset,
-                          index_base=self.index_base)
-        common = dict(prediction_type=self.prediction_type, clip_denoised=self.clip_denoised,
-                      clip_range=self.clip_range, out=self.x, pred_x0_out=self.pred_x0, return_pred_x0=False,
-                      backend=self.backend, **noise_args)
-        if self.sampler == "ddpm":
-            ops.ddpm_step(output, self.step_index, self.x, self.schedule, variance_type=self.variance_type, **common)
-        else:
-            ops.ddim_step(output, self.step_index, self.x, self.schedule, eta=self.eta, **common)
-        self.step_index.sub_(1)
+
+class _Run:
+    """The device state of a sampling loop: fixed addresses, so that a CUDA graph can hold them.
+
+    The step index, the model's timesteps, the seed, the noise stream counter and the sample index
+    base all live in device tensors, advanced in place: nothing is read back to the host between
+    steps. A run is kept with its graph and reused by a later call with the same graph key."""
+
+    def __init__(self, plan: _Plan):
+        device, steps, batch = plan.device, plan.num_steps, plan.shape[0]
+        self.spec, self.schedule, self.backend, self.sampler = plan.spec, plan.schedule, plan.backend, plan.sampler
+        self.denoiser = _Denoiser(plan.model, plan.spec, plan.shape)
+        self.x = torch.empty(plan.shape, dtype=plan.dtype, device=device)
+        # Row i: the trained timestep of schedule index i, once per sample.
+        self.model_timesteps = plan.schedule.timesteps.to(device)[:, None].expand(steps, batch).contiguous()
+        self.index = torch.empty((), dtype=torch.int64, device=device)
+        self.noise_offset = torch.empty((), dtype=torch.int64, device=device)
+        self.seed = torch.empty((), dtype=torch.int64, device=device) if plan.generator is None else None
+        self.index_base = torch.empty((), dtype=torch.int64, device=device)
+        # With a generator, the step reads its noise from here (filled before each step); a step
+        # that adds none (DDPM's last) still reads it, times a zero std: keep it finite.
+        self.noise_buffer = (torch.zeros(plan.shape, dtype=plan.dtype, device=device)
+                             if plan.generator is not None and plan.spec.adds_noise else None)
+        self.pred_x0 = torch.empty_like(self.x) if plan.callback is not None else None
+        self.buffers = plan.sampler.buffers(self)
+        plan.schedule.table(device, torch.float32)  # build the device table now, not during a capture
+
+    def reset(self, plan: _Plan) -> None:
+        """Counters and x_T of a new call (in place: a graph holding this run replays them)."""
+        self.denoiser.model = plan.model
+        self.x.copy_(_initial_sample(plan))
+        self.index.fill_(plan.num_steps - 1)
+        self.noise_offset.fill_(_INITIAL_NOISE_OFFSET + 1)
+        self.index_base.fill_(plan.first_index)
+        if self.seed is not None:
+            self.seed.fill_(plan.seed)
+
+    def noise_args(self) -> dict:
+        return dict(noise=self.noise_buffer, seed=self.seed, noise_offset=self.noise_offset,
+                    index_base=self.index_base)
+
+    def step(self) -> None:
+        """Model call, the sampler's step and the counters: device work only, no host reads."""
+        t = self.model_timesteps.index_select(0, self.index.view(1)).view(-1)
+        self.sampler.step(self, self.denoiser(self.x, t))
+        self.index.sub_(1)
         self.noise_offset.add_(1)
 
-    def _before_step(self, step: int) -> None:
-        """Host-side preparation of step ``step``: the generator's noise, drawn in diffusers' order."""
-        if self.noise_buffer is None:
-            return
-        index = self.num_steps - 1 - step
-        if self.sampler == "ddim" or index > 0:  # DDPM adds (and draws) no noise at index 0
-            self.noise_buffer.copy_(self._draw())
 
-    def _after_step(self, step: int, intermediates: Optional[List[torch.Tensor]]) -> None:
-        if intermediates is not None:
-            intermediates.append(self.x.clone())
-        if self.callback is not None:
-            t = int(self.schedule.timesteps[self.num_steps - 1 - step])  # host copy: no sync
-            self.callback(step, t, self.x.clone(), self.pred_x0.clone())
+def _initial_sample(plan: _Plan) -> torch.Tensor:
+    if plan.initial_noise is not None:
+        return plan.initial_noise.to(device=plan.device, dtype=plan.dtype)
+    if plan.generator is not None:
+        return _draw(plan)
+    return reference.philox_randn(plan.shape, plan.seed, _INITIAL_NOISE_OFFSET, index_base=plan.first_index,
+                                  device=plan.device).to(plan.dtype)
 
-    # ------------------------------------------------------------------ the loop
-    def run(self):
-        self._allocate_state()
-        intermediates: Optional[List[torch.Tensor]] = [] if self.return_intermediates else None
-        from tqdm import tqdm
 
-        with tqdm(total=self.num_steps, disable=not self.progress, desc=f"{self.sampler} sampling",
-                  unit="step", leave=False) as bar:
-            if self.use_graph:
-                self._run_graphed(intermediates, bar)
-            else:
-                for step in range(self.num_steps):
-                    self._before_step(step)
-                    self._step()
-                    self._after_step(step, intermediates)
-                    bar.update(1)
-        return (self.x, intermediates) if self.return_intermediates else self.x
+def _draw(plan: _Plan) -> torch.Tensor:
+    """One ``torch.randn`` of the sample's shape from the generator, as diffusers draws it."""
+    drawn = torch.randn(plan.shape, generator=plan.generator, device=plan.generator.device, dtype=plan.dtype)
+    return drawn.to(plan.device)
 
-    def _run_graphed(self, intermediates, bar) -> None:
-        """The first steps eagerly on a side stream (they compile the kernels and initialise
-        cuBLAS/cuDNN and the like outside the capture), then one step captured and replayed for
-        the rest."""
-        with torch.cuda.device(self.device):
+
+# model -> (graph key, run, graph): one captured loop per model, replayed by later calls with the
+# same key (a weak reference: the entry goes with the model).
+_GRAPHS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _run(plan: _Plan):
+    from tqdm import tqdm
+
+    cached = _cached_graph(plan)
+    run, graph = cached if cached is not None else (_Run(plan), None)
+    run.reset(plan)
+    intermediates: Optional[List[torch.Tensor]] = [] if plan.return_intermediates else None
+    with tqdm(total=plan.num_steps, disable=not plan.progress, desc=f"{plan.spec.sampler} sampling",
+              unit="step", leave=False) as bar:
+        if plan.use_graph:
+            _loop_graphed(plan, run, graph, intermediates, bar)
+        else:
+            for step in range(plan.num_steps):
+                _before_step(plan, run, step)
+                run.step()
+                _after_step(plan, run, step, intermediates)
+                bar.update(1)
+    x = run.x if graph is None and not plan.use_graph else run.x.clone()  # a cached run's x is reused
+    return (x, intermediates) if plan.return_intermediates else x
+
+
+def _before_step(plan: _Plan, run: _Run, step: int) -> None:
+    """Host-side preparation of step ``step``: the generator's noise, drawn in diffusers' order."""
+    if run.noise_buffer is None:
+        return
+    index = plan.num_steps - 1 - step
+    if plan.spec.sampler != "ddpm" or index > 0:  # DDPM adds (and draws) no noise at index 0
+        run.noise_buffer.copy_(_draw(plan))
+
+
+def _after_step(plan: _Plan, run: _Run, step: int, intermediates: Optional[List[torch.Tensor]]) -> None:
+    if intermediates is not None:
+        intermediates.append(run.x.clone())
+    if plan.callback is not None:
+        t = int(plan.schedule.timesteps[plan.num_steps - 1 - step])  # host copy: no sync
+        plan.callback(step, t, run.x.clone(), run.pred_x0.clone())
+
+
+def _cached_graph(plan: _Plan):
+    if not plan.use_graph:
+        return None
+    try:
+        key, run, graph = _GRAPHS[plan.model]
+    except (KeyError, TypeError):  # not cached, or a model that cannot be weakly referenced
+        return None
+    return (run, graph) if key == plan.graph_key() else None
+
+
+def _loop_graphed(plan: _Plan, run: _Run, graph, intermediates, bar) -> None:
+    """A graph cached by an earlier call replays every step. Otherwise the first steps run eagerly
+    on a side stream (they compile the kernels and initialise cuBLAS/cuDNN outside the capture),
+    then one step is captured and replayed for the rest, and kept for later calls."""
+    with torch.cuda.device(plan.device):
+        first = 0
+        if graph is None:
             current = torch.cuda.current_stream()
             side = torch.cuda.Stream()
-            warmup_steps = min(_GRAPH_WARMUP_STEPS, self.num_steps)
-            for step in range(warmup_steps):
+            first = min(_GRAPH_WARMUP_STEPS, plan.num_steps)
+            for step in range(first):
                 side.wait_stream(current)
                 with torch.cuda.stream(side):
-                    self._before_step(step)
-                    self._step()
+                    _before_step(plan, run, step)
+                    run.step()
                 current.wait_stream(side)
-                self._after_step(step, intermediates)
+                _after_step(plan, run, step, intermediates)
                 bar.update(1)
-            if warmup_steps == self.num_steps:
+            if first == plan.num_steps:
                 return
-            graph = self._capture()
-            for step in range(warmup_steps, self.num_steps):
-                self._before_step(step)
-                if graph is not None:
-                    graph.replay()
-                else:
-                    self._step()
-                self._after_step(step, intermediates)
-                bar.update(1)
+            graph = _capture(plan, run)
+            if graph is not None:
+                try:
+                    _GRAPHS[plan.model] = (plan.graph_key(), run, graph)
+                except TypeError:  # a model that cannot be weakly referenced: no reuse
+                    pass
+        for step in range(first, plan.num_steps):
+            _before_step(plan, run, step)
+            if graph is not None:
+                graph.replay()
+            else:
+                run.step()
+            _after_step(plan, run, step, intermediates)
+            bar.update(1)
 
-    def _capture(self):
-        """A CUDA graph of :meth:`_step`, or None (after a warning) when the model can't be captured.
 
-        Capturing runs nothing: the counters, the sample and the noise buffer keep their values,
-        so a failed capture leaves the state as it was and the loop continues eagerly.
-        """
-        graph = torch.cuda.CUDAGraph()
-        caller_stream = torch.cuda.current_stream()
-        try:
-            with torch.cuda.graph(graph):
-                self._step()
-        except Exception as error:  # whatever the model did that a graph can't hold
-            # torch.cuda.graph's exit ends the capture before it restores the caller's stream, so
-            # a capture that fails to end leaves its side stream current: put the caller's back.
-            torch.cuda.set_stream(caller_stream)
-            if self.cuda_graph is True:
-                raise RuntimeError(f"cuda_graph=True but capturing the model call and step failed: {error}") from error
-            warnings.warn(f"fastddpm.sample: could not capture the model in a CUDA graph ({error}); "
-                          "running the steps eagerly instead (pass cuda_graph=False to skip the attempt)",
-                          RuntimeWarning, stacklevel=4)
-            return None
-        return graph
+def _capture(plan: _Plan, run: _Run):
+    """A CUDA graph of :meth:`_Run.step`, or None (after a warning) when the model can't be captured.
+
+    Capturing runs nothing: the counters, the sample and the noise buffer keep their values, so a
+    failed capture leaves the state as it was and the loop continues eagerly.
+    """
+    graph = torch.cuda.CUDAGraph()
+    caller_stream = torch.cuda.current_stream()
+    try:
+        with torch.cuda.graph(graph):
+            run.step()
+    except Exception as error:  # whatever the model did that a graph can't hold
+        # torch.cuda.graph's exit ends the capture before it restores the caller's stream, so a
+        # capture that fails to end leaves its side stream current: put the caller's back.
+        torch.cuda.set_stream(caller_stream)
+        if plan.cuda_graph is True:
+            raise RuntimeError(f"cuda_graph=True but capturing the model call and step failed: {error}") from error
+        warnings.warn(f"fastddpm.sample: could not capture the model in a CUDA graph ({error}); "
+                      "running the steps eagerly instead (pass cuda_graph=False to skip the attempt)",
+                      RuntimeWarning, stacklevel=5)
+        return None
+    return graph

@@ -11,12 +11,17 @@ import triton
 import triton.language as tl
 
 from fastddpm.schedule import table_row
+from fastddpm.step import PREDICTION_TYPES, VARIANCE_TYPES
 
 from .noise import DEFAULT_BLOCK, DEFAULT_NUM_WARPS, batch_position, layout_2d, row_length, sample_noise
 
-PREDICTION_CODES = {"epsilon": 0, "sample": 1, "v_prediction": 2}
-VARIANCE_CODES = {"fixed_small": 0, "fixed_small_log": 1, "fixed_large": 2, "learned": 3, "learned_range": 4}
-SAMPLER_CODES = {"ddpm": 0, "ddim": 1}
+# The kernel's constexpr codes: positions in the vocabularies of fastddpm.step.
+EPSILON, SAMPLE, V_PREDICTION = (tl.constexpr(PREDICTION_TYPES.index(name)) for name in ("epsilon", "sample", "v_prediction"))
+FIXED_SMALL, FIXED_SMALL_LOG, FIXED_LARGE, LEARNED, LEARNED_RANGE = (
+    tl.constexpr(VARIANCE_TYPES.index(name))
+    for name in ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range"))
+SAMPLERS = ("ddpm", "ddim")  # the samplers this kernel implements
+DDPM, DDIM = (tl.constexpr(SAMPLERS.index(name)) for name in SAMPLERS)
 _ROWS = dict(
     ROW_SQRT_AB=table_row("sqrt_alphas_cumprod"),
     ROW_SQRT_1M_AB=table_row("sqrt_one_minus_alphas_cumprod"),
@@ -69,29 +74,29 @@ def _reverse_step_kernel(
 
     sqrt_ab = _coef(table_ptr, ROW_SQRT_AB, num_timesteps, t)
     sqrt_1m_ab = _coef(table_ptr, ROW_SQRT_1M_AB, num_timesteps, t)
-    if PREDICTION == 0:  # epsilon
+    if PREDICTION == EPSILON:
         x0 = _coef(table_ptr, ROW_SQRT_RECIP_AB, num_timesteps, t) * x - _coef(
             table_ptr, ROW_SQRT_RECIPM1_AB, num_timesteps, t) * out
-    elif PREDICTION == 1:  # sample
+    elif PREDICTION == SAMPLE:
         x0 = out
-    else:  # v_prediction
+    else:  # V_PREDICTION
         x0 = sqrt_ab * x - sqrt_1m_ab * out
     x0_unclipped = x0
     if CLIP:
         # NaN stays NaN (as in torch.clamp): plain min/max would turn it into +-clip_range on a GPU.
         x0 = tl.clamp(x0, -clip_range, clip_range, propagate_nan=tl.PropagateNan.ALL)
 
-    if SAMPLER == 0:  # DDPM posterior
+    if SAMPLER == DDPM:  # the posterior at the predicted x_0
         mean = _coef(table_ptr, ROW_COEF1, num_timesteps, t) * x0 + _coef(table_ptr, ROW_COEF2, num_timesteps, t) * x
-        if VARIANCE == 0:
+        if VARIANCE == FIXED_SMALL:
             std = tl.sqrt(_coef(table_ptr, ROW_POST_VAR, num_timesteps, t))
-        elif VARIANCE == 1:
+        elif VARIANCE == FIXED_SMALL_LOG:
             std = tl.exp(0.5 * _coef(table_ptr, ROW_POST_LOGVAR, num_timesteps, t))
-        elif VARIANCE == 2:
+        elif VARIANCE == FIXED_LARGE:
             std = tl.exp(0.5 * _coef(table_ptr, ROW_LOG_BETA, num_timesteps, t))
         else:
             var_values = tl.load(model_out_ptr + out_offs + per_sample, mask=mask, other=0.0).to(tl.float32)
-            if VARIANCE == 3:
+            if VARIANCE == LEARNED:
                 std = tl.exp(0.5 * var_values)
             else:
                 frac = (var_values + 1.0) * 0.5
@@ -100,9 +105,9 @@ def _reverse_step_kernel(
                 std = tl.exp(0.5 * (frac * max_log + (1.0 - frac) * min_log))
         std = tl.where(t > 0, std, 0.0)
     else:  # DDIM (Song et al. eq. 12) with eps as the model predicted it
-        if PREDICTION == 0:
+        if PREDICTION == EPSILON:
             eps = out
-        elif PREDICTION == 1:
+        elif PREDICTION == SAMPLE:
             eps = (x - sqrt_ab * x0_unclipped) / sqrt_1m_ab
         else:
             eps = sqrt_ab * out + sqrt_1m_ab * x
@@ -123,27 +128,23 @@ def _reverse_step_kernel(
     tl.store(x_prev_ptr + offs, x_prev, mask=mask)
 
 
-def reverse_step(
-    model_output, t, x_t, table, *, sampler="ddpm", prediction_type="epsilon", variance_type="fixed_small",
-    clip_range=None, eta=0.0, noise=None, seed=None, noise_offset=None, index_base=None, out=None, pred_x0_out=None,
-    block=DEFAULT_BLOCK, num_warps=DEFAULT_NUM_WARPS,
-):
-    """Launch on contiguous tensors. ``model_output`` is x_t's shape, or has twice its channels
-    (dim 1) for learned variances; ``t``: int tensor [] or [B]; ``table``: the schedule's packed
-    float32 table on x_t's device; ``seed``/``noise_offset``/``index_base``: int64 tensors []
-    (used when ``noise`` is None; ``index_base`` is the global index of the batch's first sample);
-    ``clip_range=None`` disables clipping. Writes ``out`` (may be ``x_t``) and, if given,
-    ``pred_x0_out``."""
+def reverse_step(spec, model_output, t, x_t, table, *, noise=None, seed=None, noise_offset=None, index_base=None,
+                 out=None, pred_x0_out=None, block=DEFAULT_BLOCK, num_warps=DEFAULT_NUM_WARPS):
+    """Launch one step of ``spec`` (a validated :class:`fastddpm.step.StepSpec`) on contiguous
+    tensors. ``model_output`` is x_t's shape, or has twice its channels (dim 1) for learned
+    variances; ``t``: int tensor [] or [B]; ``table``: the schedule's packed float32 table on x_t's
+    device; ``seed``/``noise_offset``/``index_base``: int64 tensors [] (used when the step adds
+    noise and ``noise`` is None; ``index_base`` is the global index of the batch's first sample).
+    Writes ``out`` (may be ``x_t``) and, if given, ``pred_x0_out``."""
     numel = x_t.numel()
     if out is None:
         out = torch.empty_like(x_t)
     if numel == 0:
         return out
     per_sample = numel // x_t.shape[0]
-    row = row_length(x_t.element_size())
     out_sample_stride = model_output.numel() // x_t.shape[0]
-    add_noise = sampler == "ddpm" or eta > 0
-    in_kernel_noise = add_noise and noise is None
+    row = row_length(x_t.element_size())
+    in_kernel_noise = spec.adds_noise and noise is None
     grid = (triton.cdiv(numel, block),)
     _reverse_step_kernel[grid](
         x_t, model_output, t, table,
@@ -151,11 +152,11 @@ def reverse_step(
         seed if in_kernel_noise else t, noise_offset if in_kernel_noise else t, index_base if in_kernel_noise else t,
         out, pred_x0_out if pred_x0_out is not None else out,
         numel, per_sample, out_sample_stride, table.shape[1],
-        float(clip_range) if clip_range is not None else 0.0, float(eta),
+        spec.clip_range if spec.clip_range is not None else 0.0, spec.eta,
         **_ROWS,
-        SAMPLER=SAMPLER_CODES[sampler], PREDICTION=PREDICTION_CODES[prediction_type],
-        VARIANCE=VARIANCE_CODES[variance_type] if sampler == "ddpm" else 0,
-        CLIP=clip_range is not None, ADD_NOISE=add_noise, HAS_NOISE=noise is not None,
+        SAMPLER=SAMPLERS.index(spec.sampler), PREDICTION=PREDICTION_TYPES.index(spec.prediction_type),
+        VARIANCE=VARIANCE_TYPES.index(spec.variance_type) if spec.sampler == "ddpm" else 0,
+        CLIP=spec.clip_range is not None, ADD_NOISE=spec.adds_noise, HAS_NOISE=noise is not None,
         WRITE_X0=pred_x0_out is not None, T_PER_SAMPLE=t.ndim == 1,
         SAME_LAYOUT=out_sample_stride == per_sample, ROW_LEN=row, ALIGNED=per_sample % row == 0,
         INDEX_64=max(numel, model_output.numel()) + block >= 2**31, BLOCK=block,

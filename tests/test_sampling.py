@@ -8,6 +8,7 @@ import torch
 import fastddpm
 from fastddpm import NoiseSchedule, reference
 from fastddpm.sampling import sample
+from fastddpm.step import StepSpec
 
 from conftest import requires_cuda, requires_triton
 
@@ -439,11 +440,17 @@ class _FakeStream:
 
 
 class _FakeGraph:
-    """torch.cuda.CUDAGraph on the CPU: a capture runs nothing (the state it touched is restored)
-    and a replay runs the captured step again."""
+    """torch.cuda.CUDAGraph on the CPU, with a real graph's semantics: capturing runs nothing (the
+    stand-in lets the step run, then puts back every tensor the run holds), and each replay runs
+    the captured work again on the same tensors."""
+
+    captures = 0
 
     def __init__(self):
-        self.step = None
+        self.work = None
+
+    def replay(self):
+        self.work()
 
 
 class _FakeCapture:
@@ -453,20 +460,21 @@ class _FakeCapture:
     def __enter__(self):
         import sys
 
-        from fastddpm.sampling import _Plan
+        from fastddpm.sampling import _Run
 
         frame = sys._getframe(1)
-        while not isinstance(frame.f_locals.get("self"), _Plan):  # find the _Plan doing the capture
+        while not isinstance(frame.f_locals.get("run"), _Run):  # the run being captured
             frame = frame.f_back
-        self.plan = frame.f_locals["self"]
-        self.saved = {name: getattr(self.plan, name).clone() for name in ("x", "step_index", "noise_offset")}
+        self.run = frame.f_locals["run"]
+        self.saved = {name: value.clone() for name, value in vars(self.run).items() if isinstance(value, torch.Tensor)}
         return self
 
     def __exit__(self, *exc_info):
         for name, value in self.saved.items():
-            getattr(self.plan, name).copy_(value)
+            getattr(self.run, name).copy_(value)
         if exc_info[0] is None:
-            self.graph.step = self.plan._step
+            _FakeGraph.captures += 1
+            self.graph.work = self.run.step
         return False
 
 
@@ -478,57 +486,95 @@ def fake_cuda_graphs(monkeypatch):
     import fastddpm.sampling as sampling
 
     replays = []
+    original_replay = _FakeGraph.replay
 
     def replay(graph):
         replays.append(1)
-        graph.step()
+        original_replay(graph)
 
-    monkeypatch.setattr(_FakeGraph, "replay", replay, raising=False)
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    _FakeGraph.captures = 0
     caller_stream = _FakeStream()
     made_current = []
+    monkeypatch.setattr(_FakeGraph, "replay", replay)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: caller_stream)
     monkeypatch.setattr(torch.cuda, "set_stream", made_current.append)
     monkeypatch.setattr(torch.cuda, "Stream", lambda *a: _FakeStream())
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
     monkeypatch.setattr(torch.cuda, "graph", _FakeCapture)
+    monkeypatch.setattr(sampling, "_GRAPHS", __import__("weakref").WeakKeyDictionary())
 
     def run(model, shape, cuda_graph=True, **kwargs):
-        plan = sampling._Plan.build(model, shape, progress=False, cuda_graph=False, **{
-            "schedule": None, "num_steps": None, "sampler": "ddpm", "eta": 0.0, "prediction_type": "epsilon",
-            "variance_type": "fixed_small", "clip_denoised": True, "clip_range": 1.0, "seed": None,
-            "generator": None, "noise": None, "device": None, "dtype": None, "return_intermediates": False,
-            "callback": None, "backend": None, **kwargs})
+        arguments = dict(schedule=None, num_steps=None, sampler="ddpm", eta=0.0, prediction_type="epsilon",
+                         variance_type="fixed_small", clip_denoised=True, clip_range=1.0, seed=None, generator=None,
+                         noise=None, first_index=0, device=None, dtype=None, return_intermediates=False,
+                         callback=None, backend=None)
+        arguments.update(kwargs)
+        plan = sampling._Plan.build(model, shape, progress=False, cuda_graph=False, **arguments)
         plan.use_graph, plan.cuda_graph = True, cuda_graph
         with torch.no_grad():
-            return plan.run()
+            return sampling._run(plan)
 
     run.replays = replays
     run.caller_stream, run.made_current = caller_stream, made_current
     return run
 
 
+def _reference_loop(model, shape, schedule, *, sampler, eta, seed=None, generator=None):
+    """The documented noise contract spelled out with the reference ops (not the runner): x_T at
+    stream 0 and step k at stream k + 1 for a seed; x_T, then one draw per noisy step, for a
+    generator."""
+    spec = StepSpec.build(sampler, eta=eta)
+    if generator is not None:
+        x = torch.randn(shape, generator=generator)
+    else:
+        x = reference.philox_randn(shape, seed, 0)
+    steps = schedule.num_timesteps
+    with torch.no_grad():
+        for k, index in enumerate(reversed(range(steps))):
+            out = model(x, schedule.timesteps[index].repeat(shape[0]))
+            noise = None
+            if generator is not None and (sampler == "ddim" or index > 0):
+                noise = torch.randn(shape, generator=generator)
+            elif generator is not None:
+                noise = torch.zeros(shape)
+            x, _ = reference.step(spec, out, index, x, schedule, noise=noise, seed=seed, noise_offset=k + 1)
+    return x
+
+
 @pytest.mark.parametrize("noise", ["seed", "generator"])
-def test_graph_loop_logic_matches_eager_on_cpu_stand_ins(fake_cuda_graphs, noise):
+def test_graph_loop_follows_the_noise_contract_on_cpu_stand_ins(fake_cuda_graphs, noise):
     model = RecordingModel()
-    steps = 8
+    steps, shape = 8, (2, 1, 4, 4)
     random = (lambda: dict(seed=4)) if noise == "seed" else (lambda: dict(generator=torch.Generator().manual_seed(4)))
-    seen_graph, seen_eager = [], []
-    common = dict(num_steps=steps, sampler="ddim", eta=0.7, return_intermediates=True)
-    graphed, graphed_steps = fake_cuda_graphs(model, (2, 1, 4, 4), callback=lambda *a: seen_graph.append(a),
-                                              **common, **random())
-    calls_with_graph = len(model.calls)
+    seen = []
+    graphed, graphed_steps = fake_cuda_graphs(model, shape, num_steps=steps, sampler="ddim", eta=0.7,
+                                              return_intermediates=True, callback=lambda *a: seen.append(a),
+                                              **random())
     assert len(fake_cuda_graphs.replays) == steps - 3  # three eager warm-up steps, then replays
-    eager, eager_steps = sample(model, (2, 1, 4, 4), callback=lambda *a: seen_eager.append(a), progress=False,
-                                **common, **random())
-    torch.testing.assert_close(graphed, eager, atol=0, rtol=0)
-    for a, b in zip(graphed_steps, eager_steps):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
-    assert [(s[0], s[1]) for s in seen_graph] == [(s[0], s[1]) for s in seen_eager]
-    for a, b in zip(seen_graph, seen_eager):
-        torch.testing.assert_close(a[3], b[3], atol=0, rtol=0)
-    assert calls_with_graph == 3 + 1 + (steps - 3)  # warm-up, the capture, the replays
+    assert len(model.calls) == 3 + 1 + (steps - 3)  # warm-up, the capture, the replays
+    expected = _reference_loop(model, shape, SCHEDULE.respace_evenly(steps), sampler="ddim", eta=0.7, **random())
+    torch.testing.assert_close(graphed, expected, atol=1e-6, rtol=1e-6)
+    assert len(graphed_steps) == steps and torch.equal(graphed_steps[-1], graphed)
+    assert [s[1] for s in seen] == SCHEDULE.respace_evenly(steps).timesteps.flip(0).tolist()
+
+
+def test_a_second_call_replays_the_kept_graph(fake_cuda_graphs):
+    model = RecordingModel()
+    shape = (2, 1, 4, 4)
+    first = fake_cuda_graphs(model, shape, num_steps=6, seed=1)
+    assert _FakeGraph.captures == 1
+    second = fake_cuda_graphs(model, shape, num_steps=6, seed=2)  # same shapes: no new capture
+    assert _FakeGraph.captures == 1 and len(fake_cuda_graphs.replays) == 3 + 6
+    schedule = SCHEDULE.respace_evenly(6)
+    torch.testing.assert_close(first, _reference_loop(model, shape, schedule, sampler="ddpm", eta=0.0, seed=1),
+                               atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(second, _reference_loop(model, shape, schedule, sampler="ddpm", eta=0.0, seed=2),
+                               atol=1e-6, rtol=1e-6)
+    assert not torch.equal(first, second)  # the first result is not overwritten by the second call
+    fake_cuda_graphs(model, shape, num_steps=5, seed=2)  # another chain: captured anew
+    assert _FakeGraph.captures == 2
 
 
 class _FailsUnderCapture(RecordingModel):
@@ -552,15 +598,16 @@ def test_graph_capture_failure_falls_back_or_raises(fake_cuda_graphs, monkeypatc
 
     monkeypatch.setattr(torch.cuda, "graph", Capture)
     model = _FailsUnderCapture()
-    eager = sample(model, (2, 1, 4, 4), num_steps=6, seed=2, progress=False)
+    shape = (2, 1, 4, 4)
     with pytest.warns(RuntimeWarning, match="could not capture"):
-        fallback = fake_cuda_graphs(model, (2, 1, 4, 4), cuda_graph="auto", num_steps=6, seed=2)
-    torch.testing.assert_close(fallback, eager, atol=0, rtol=0)
+        fallback = fake_cuda_graphs(model, shape, cuda_graph="auto", num_steps=6, seed=2)
+    expected = _reference_loop(model, shape, SCHEDULE.respace_evenly(6), sampler="ddpm", eta=0.0, seed=2)
+    torch.testing.assert_close(fallback, expected, atol=1e-6, rtol=1e-6)
     assert fake_cuda_graphs.replays == []
     # The failed capture puts the caller's stream back (torch.cuda.graph would leave its own).
     assert fake_cuda_graphs.made_current == [fake_cuda_graphs.caller_stream]
     with pytest.raises(RuntimeError, match="cuda_graph=True but capturing"):
-        fake_cuda_graphs(model, (2, 1, 4, 4), cuda_graph=True, num_steps=6, seed=2)
+        fake_cuda_graphs(model, shape, cuda_graph=True, num_steps=6, seed=2)
     assert fake_cuda_graphs.made_current == [fake_cuda_graphs.caller_stream] * 2
 
 

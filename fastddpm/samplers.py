@@ -1,0 +1,55 @@
+"""The samplers: each one a short function of one reverse step, registered in :data:`SAMPLERS`.
+
+A sampler's ``step(run, model_output)`` reads the run's device state (``run.x``, the schedule index
+``run.index``, the noise counters, ``run.spec``) and writes x_{t-1} into ``run.x`` in place, on the
+device, without reading anything back to the host. The runner (:mod:`fastddpm.sampling`) owns
+everything else: the loop and its counters, the model call (through its denoiser wrapper), the
+noise of x_T, progress, callbacks and the CUDA graph. ``buffers(run)`` allocates the device state a
+sampler keeps between steps (none for DDPM and DDIM); ``schedule(trained, num_steps)`` gives the
+chain the sampler walks.
+
+Adding a sampler touches three files: its function and entry here, its reference in
+``fastddpm/reference.py`` and its kernel in ``kernels/`` (docs/architecture.md).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, Optional
+
+import torch
+
+from . import ops
+from .schedule import NoiseSchedule
+
+__all__ = ["Sampler", "SAMPLERS"]
+
+
+def _no_buffers(run) -> Dict[str, torch.Tensor]:
+    return {}
+
+
+def _respace_evenly(trained: NoiseSchedule, num_steps: Optional[int]) -> NoiseSchedule:
+    # The evenly spaced subsequence that always starts at the last trained timestep; DDIM's final
+    # step then lands on alpha_bar_prev = 1 (final_alpha_cumprod), i.e. returns the predicted x_0.
+    return trained if num_steps is None else trained.respace_evenly(num_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """One sampler: its step, the device buffers it keeps, and the chain it walks."""
+
+    step: Callable[[object, torch.Tensor], None]
+    buffers: Callable[[object], Dict[str, torch.Tensor]] = _no_buffers
+    schedule: Callable[[NoiseSchedule, Optional[int]], NoiseSchedule] = _respace_evenly
+
+
+def posterior_step(run, model_output: torch.Tensor) -> None:
+    """DDPM's ancestral step and DDIM's update: one fused op, ``run.spec`` says which."""
+    ops.step(run.spec, model_output, run.index, run.x, run.schedule, **run.noise_args(), out=run.x,
+             pred_x0_out=run.pred_x0, return_pred_x0=False, backend=run.backend)
+
+
+SAMPLERS: Dict[str, Sampler] = {
+    "ddpm": Sampler(posterior_step),
+    "ddim": Sampler(posterior_step),
+}

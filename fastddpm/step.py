@@ -1,0 +1,102 @@
+"""The reverse step's rule, defined once.
+
+The vocabularies (what a model predicts, which variance a step uses) and
+:class:`StepSpec`, the small immutable description of one step that every path consumes: the
+Triton launchers, the reference, :mod:`fastddpm.ops`, sampling, the schedulers, the losses and the
+command line. A spec is validated when it is built, so nothing downstream checks it again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Optional, Sequence, Tuple
+
+__all__ = ["PREDICTION_TYPES", "VARIANCE_TYPES", "LEARNED_VARIANCE_TYPES", "StepSpec", "check_choice"]
+
+# What the model predicts: the noise eps (Ho et al.), x_0 itself, or v = sqrt(ab) eps - sqrt(1 - ab) x_0
+# (Salimans & Ho).
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+# The reverse step's variance: fixed_small = the posterior variance beta~_t; fixed_small_log = the
+# same through its clipped log; fixed_large = beta_t; learned: the model outputs the log-variance;
+# learned_range: the model outputs v in [-1, 1] interpolating log beta~_t .. log beta_t (Nichol &
+# Dhariwal). The learned ones append C variance channels to the model's C mean channels.
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
+LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
+# The samplers' vocabulary is the registry fastddpm.samplers.SAMPLERS (ddpm: ancestral sampling
+# through the posterior; ddim: Song et al.'s update with noise scale eta).
+
+
+def check_choice(name: str, value, choices: Sequence[str]) -> str:
+    """``value`` if it is one of ``choices``, else a ValueError naming ``name`` and the choices."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """One reverse step: sampler, prediction type, variance type, clipping of x_0 and DDIM's eta.
+
+    ``clip_range=None`` leaves the predicted x_0 unclipped. ``variance_type`` also says whether the
+    model's output carries variance channels (DDIM reads only the mean channels: its variance is
+    ``eta`` times the posterior's).
+    """
+
+    sampler: str = "ddpm"
+    prediction_type: str = "epsilon"
+    variance_type: str = "fixed_small"
+    clip_range: Optional[float] = 1.0
+    eta: float = 0.0
+
+    def __post_init__(self):
+        from .samplers import SAMPLERS  # the registry (it imports the ops, which import this module)
+
+        check_choice("sampler", self.sampler, tuple(SAMPLERS))
+        check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        check_choice("variance_type", self.variance_type, VARIANCE_TYPES)
+        if self.clip_range is not None:
+            if not (_real(self.clip_range) and self.clip_range > 0):
+                raise ValueError(f"clip_range must be a number > 0 (or None: no clipping), got {self.clip_range!r}")
+            object.__setattr__(self, "clip_range", float(self.clip_range))
+        if not (_real(self.eta) and self.eta >= 0):
+            raise ValueError(f"eta must be a finite float >= 0, got {self.eta!r}")
+        if self.sampler == "ddpm" and self.eta != 0:
+            raise ValueError(f"eta applies to sampler='ddim' only, got eta={self.eta} with sampler='ddpm'")
+        object.__setattr__(self, "eta", float(self.eta))
+
+    @classmethod
+    def build(cls, sampler: str = "ddpm", *, prediction_type: str = "epsilon", variance_type: str = "fixed_small",
+              clip_denoised: bool = True, clip_range: float = 1.0, eta: float = 0.0) -> "StepSpec":
+        """The spec of the public APIs' arguments (``clip_denoised`` and ``clip_range`` apart)."""
+        if not isinstance(clip_denoised, bool):
+            raise TypeError(f"clip_denoised must be a bool, got {type(clip_denoised).__name__}")
+        spec = cls(sampler, prediction_type, variance_type, clip_range, eta)  # checks clip_range either way
+        return spec if clip_denoised else dataclasses.replace(spec, clip_range=None)
+
+    @property
+    def adds_noise(self) -> bool:
+        """Whether the step draws noise (DDPM adds none at its last index; the step knows from t)."""
+        return self.sampler == "ddpm" or self.eta > 0
+
+    @property
+    def learned_variance(self) -> bool:
+        return self.variance_type in LEARNED_VARIANCE_TYPES
+
+    @property
+    def uses_model_variance(self) -> bool:
+        """Whether the step reads the model's variance channels (DDPM with a learned variance)."""
+        return self.sampler == "ddpm" and self.learned_variance
+
+    def model_output_shape(self, sample_shape: Sequence[int]) -> Tuple[int, ...]:
+        """The shape the model's output must have for samples of ``sample_shape`` [B, C, ...]."""
+        shape = tuple(sample_shape)
+        if self.learned_variance:
+            if len(shape) < 2:
+                raise ValueError(f"variance_type={self.variance_type!r} needs samples [B, C, ...], got shape {shape}")
+            return (shape[0], 2 * shape[1]) + shape[2:]
+        return shape
