@@ -24,8 +24,9 @@ import torch
 
 from . import reference
 from .losses import discretized_gaussian_log_likelihood, normal_kl, p_mean_variance, posterior_mean_variance
-from .reference import PREDICTION_TYPES, VARIANCE_TYPES
+from .samplers import SAMPLERS
 from .schedule import NoiseSchedule
+from .step import PREDICTION_TYPES, VARIANCE_TYPES, check_choice
 
 __all__ = [
     "BoundResult",
@@ -140,10 +141,8 @@ def variational_bound(
         raise ValueError("x0 must hold finite values in [-1, 1]")
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-    if variance_type not in VARIANCE_TYPES:
-        raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    check_choice("variance_type", variance_type, VARIANCE_TYPES)
     _check_int("batch_size", batch_size, 1)
     _check_int("seed", seed, 0)
 
@@ -315,7 +314,7 @@ def configure_parser(parser) -> None:
     parser.add_argument("--num-samples", type=int, default=300,
                         help="samples to draw for the quality metrics; 0 skips them (default 300)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the full chain)")
-    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm", help="default ddpm")
+    parser.add_argument("--sampler", choices=tuple(SAMPLERS), default="ddpm", help="default ddpm")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale (default 0)")
     parser.add_argument("--seed", type=int, default=0, help="seed of sampling, the bound and the floors (default 0)")
     parser.add_argument("--clip-denoised", action=argparse.BooleanOptionalAction, default=None,

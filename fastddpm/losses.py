@@ -17,7 +17,8 @@ from typing import Tuple
 import torch
 
 from . import reference
-from .reference import LEARNED_VARIANCE_TYPES, PREDICTION_TYPES, VARIANCE_TYPES, predict_x0
+from .reference import predict_x0
+from .step import LEARNED_VARIANCE_TYPES, PREDICTION_TYPES, VARIANCE_TYPES, check_choice
 from .schedule import NoiseSchedule
 
 __all__ = [
@@ -122,10 +123,8 @@ def p_mean_variance(
     ``fixed_small_log``) or log beta_t (``fixed_large``); ``learned`` outputs the log-variance;
     ``learned_range`` interpolates between the two with the model's value v in [-1, 1].
     """
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-    if variance_type not in VARIANCE_TYPES:
-        raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    check_choice("variance_type", variance_type, VARIANCE_TYPES)
     prediction, variance_values = _split(model_output, x_t, variance_type)
     min_log = extract(schedule, "posterior_log_variance_clipped", t, x_t)
     max_log = extract(schedule, "log_betas", t, x_t)
@@ -176,7 +175,8 @@ def training_target(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, sche
     if prediction_type == "v_prediction":
         return (extract(schedule, "sqrt_alphas_cumprod", t, x0) * noise
                 - extract(schedule, "sqrt_one_minus_alphas_cumprod", t, x0) * x0)
-    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)  # raises
+    raise AssertionError(prediction_type)
 
 
 def training_losses(

