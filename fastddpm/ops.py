@@ -54,8 +54,18 @@ def _load_kernels(interpret: bool):
     return _kernel_flavours[interpret]
 
 
+def kernel_module(name: str, *, interpret: bool):
+    """The module ``kernels/<name>.py`` of the flavour :func:`_load_kernels` gives (a sampler's
+    kernel without an entry in ``kernels/__init__.py``)."""
+    import importlib
+
+    return importlib.import_module(f"{_load_kernels(interpret).__name__}.{name}")
+
+
 def _import_twin(kernels, interpret: bool):
+    import importlib
     import importlib.util
+    import pkgutil
     import sys
 
     name = f"{__package__}._kernels_{'interpreted' if interpret else 'compiled'}"
@@ -67,6 +77,8 @@ def _import_twin(kernels, interpret: bool):
         try:
             with _interpret_knob(interpret):
                 spec.loader.exec_module(module)
+                for info in pkgutil.iter_modules(module.__path__):  # every kernel, in this flavour
+                    importlib.import_module(f"{name}.{info.name}")
         except BaseException:
             for loaded in [key for key in sys.modules if key == name or key.startswith(name + ".")]:
                 del sys.modules[loaded]

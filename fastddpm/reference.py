@@ -22,6 +22,7 @@ __all__ = [
     "philox_randn",
     "q_sample",
     "step",
+    "dpmpp_2m_step",
     "predict_x0",
     "ddpm_step",
     "ddim_step",
@@ -284,6 +285,35 @@ def step(
     if spec.adds_noise:
         x_prev = mean + std * _noise_like(x_t, noise, seed, noise_offset, index_base, dtype)
     return x_prev.to(x_t.dtype), x0.to(x_t.dtype)
+
+
+def dpmpp_2m_step(
+    spec: StepSpec,
+    model_output: torch.Tensor,
+    t,
+    x_t: torch.Tensor,
+    previous_x0: torch.Tensor,
+    schedule: NoiseSchedule,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One DPM-Solver++(2M) step (Lu et al. 2022, data prediction, midpoint form) from chain index
+    t to t - 1; returns (x_{t-1}, D0 = this step's predicted x_0).
+
+    With alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar), lambda = log(alpha / sigma),
+    h = lambda_{t-1} - lambda_t and r = h_{t+1} / h:
+
+        x_{t-1} = (sigma_{t-1} / sigma_t) x_t - alpha_{t-1} (e^{-h} - 1) (D0 + (D0 - D0_prev) / (2 r))
+
+    ``previous_x0`` is D0_prev (ignored where the step is first order: the chain's first and last
+    steps, where the schedule's ``dpmpp_diff_coef`` is 0). Deterministic: no noise.
+    """
+    dtype = _compute_dtype(x_t)
+    x = x_t.to(dtype)
+    mean_output, _ = _split_model_output(model_output, x_t, spec.variance_type)
+    d0 = predict_x0(mean_output.to(dtype), t, x, schedule, spec.prediction_type, spec.clip_range)
+    d1 = d0 - previous_x0.to(dtype)
+    x_prev = _gather(schedule, "dpmpp_sigma_ratio", t, x, dtype) * x + _gather(schedule, "dpmpp_data_coef", t, x, dtype) * (
+        d0 + _gather(schedule, "dpmpp_diff_coef", t, x, dtype) * d1)
+    return x_prev.to(x_t.dtype), d0.to(x_t.dtype)
 
 
 def ddpm_step(model_output, t, x_t, schedule, *, prediction_type="epsilon", variance_type="fixed_small",

@@ -18,7 +18,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from . import ops
+from . import ops, reference
 from .schedule import NoiseSchedule
 
 __all__ = ["Sampler", "SAMPLERS"]
@@ -32,6 +32,20 @@ def _respace_evenly(trained: NoiseSchedule, num_steps: Optional[int]) -> NoiseSc
     # The evenly spaced subsequence that always starts at the last trained timestep; DDIM's final
     # step then lands on alpha_bar_prev = 1 (final_alpha_cumprod), i.e. returns the predicted x_0.
     return trained if num_steps is None else trained.respace_evenly(num_steps)
+
+
+def _respace_linspace(trained: NoiseSchedule, num_steps: Optional[int]) -> NoiseSchedule:
+    """The timesteps of ``linspace(0, T - 1, num_steps + 1)`` rounded, without the 0, then a last
+    step to x_0 (alpha_bar = 1): diffusers' DPMSolverMultistepScheduler's default chain. Stepping
+    from the lowest noise level to x_0 in one first-order step, instead of into t = 0 first, keeps a
+    second-order step out of the near-singular end where h = lambda_{t-1} - lambda_t is large."""
+    if num_steps is None:
+        return trained
+    total = trained.num_timesteps
+    timesteps = torch.linspace(0, total - 1, num_steps + 1, dtype=torch.float64).round().to(torch.int64)[1:]
+    if len(torch.unique(timesteps)) != num_steps:  # too many steps for distinct rounded timesteps
+        return trained.respace_evenly(num_steps)
+    return trained.respace(timesteps.tolist())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +63,25 @@ def posterior_step(run, model_output: torch.Tensor) -> None:
              pred_x0_out=run.pred_x0, return_pred_x0=False, backend=run.backend)
 
 
+def dpmpp_2m(run, model_output: torch.Tensor) -> None:
+    """DPM-Solver++(2M): deterministic, second order from the previous step's x_0
+    (``reference.dpmpp_2m_step``, ``kernels/dpm_solver.py``)."""
+    previous = run.buffers["previous_x0"]
+    if run.backend == "reference":
+        x_prev, x0 = reference.dpmpp_2m_step(run.spec, model_output, run.index, run.x, previous, run.schedule)
+        run.x.copy_(x_prev)
+        previous.copy_(x0)
+    else:
+        kernels = ops.kernel_module("dpm_solver", interpret=run.backend == "interpret")
+        kernels.dpmpp_2m(run.spec, model_output.contiguous(), run.index, run.x, previous,
+                         run.schedule.table(run.x.device, torch.float32), out=run.x)
+    if run.pred_x0 is not None:
+        run.pred_x0.copy_(previous)
+
+
 SAMPLERS: Dict[str, Sampler] = {
     "ddpm": Sampler(posterior_step),
     "ddim": Sampler(posterior_step),
+    "dpmpp_2m": Sampler(dpmpp_2m, buffers=lambda run: {"previous_x0": torch.zeros_like(run.x)},
+                        schedule=_respace_linspace),
 }

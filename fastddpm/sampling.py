@@ -344,6 +344,8 @@ class _Run:
         self.index.fill_(plan.num_steps - 1)
         self.noise_offset.fill_(_INITIAL_NOISE_OFFSET + 1)
         self.index_base.fill_(plan.first_index)
+        for buffer in self.buffers.values():  # a sampler's state between steps starts at zero
+            buffer.zero_()
         if self.seed is not None:
             self.seed.fill_(plan.seed)
 

@@ -65,8 +65,8 @@ class StepSpec:
             object.__setattr__(self, "clip_range", float(self.clip_range))
         if not (_real(self.eta) and self.eta >= 0):
             raise ValueError(f"eta must be a finite float >= 0, got {self.eta!r}")
-        if self.sampler == "ddpm" and self.eta != 0:
-            raise ValueError(f"eta applies to sampler='ddim' only, got eta={self.eta} with sampler='ddpm'")
+        if self.sampler != "ddim" and self.eta != 0:
+            raise ValueError(f"eta applies to sampler='ddim' only, got eta={self.eta} with sampler={self.sampler!r}")
         object.__setattr__(self, "eta", float(self.eta))
 
     @classmethod
@@ -80,7 +80,8 @@ class StepSpec:
 
     @property
     def adds_noise(self) -> bool:
-        """Whether the step draws noise (DDPM adds none at its last index; the step knows from t)."""
+        """Whether the step draws noise (DDPM adds none at its last index, the step knows from t;
+        DDIM with eta = 0 and DPM-Solver++ are deterministic)."""
         return self.sampler == "ddpm" or self.eta > 0
 
     @property

@@ -22,19 +22,12 @@ FIXED_SMALL, FIXED_SMALL_LOG, FIXED_LARGE, LEARNED, LEARNED_RANGE = (
     for name in ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range"))
 SAMPLERS = ("ddpm", "ddim")  # the samplers this kernel implements
 DDPM, DDIM = (tl.constexpr(SAMPLERS.index(name)) for name in SAMPLERS)
-_ROWS = dict(
-    ROW_SQRT_AB=table_row("sqrt_alphas_cumprod"),
-    ROW_SQRT_1M_AB=table_row("sqrt_one_minus_alphas_cumprod"),
-    ROW_SQRT_RECIP_AB=table_row("sqrt_recip_alphas_cumprod"),
-    ROW_SQRT_RECIPM1_AB=table_row("sqrt_recipm1_alphas_cumprod"),
-    ROW_COEF1=table_row("posterior_mean_coef1"),
-    ROW_COEF2=table_row("posterior_mean_coef2"),
-    ROW_POST_VAR=table_row("posterior_variance"),
-    ROW_POST_LOGVAR=table_row("posterior_log_variance_clipped"),
-    ROW_LOG_BETA=table_row("log_betas"),
-    ROW_SQRT_AB_PREV=table_row("sqrt_alphas_cumprod_prev"),
-    ROW_1M_AB_PREV=table_row("one_minus_alphas_cumprod_prev"),
-)
+# Rows of the schedule's packed table (fastddpm.schedule.TABLE_ROWS) the step kernels gather from.
+(ROW_SQRT_AB, ROW_SQRT_1M_AB, ROW_SQRT_RECIP_AB, ROW_SQRT_RECIPM1_AB, ROW_COEF1, ROW_COEF2, ROW_POST_VAR,
+ ROW_POST_LOGVAR, ROW_LOG_BETA, ROW_SQRT_AB_PREV, ROW_1M_AB_PREV) = (tl.constexpr(table_row(name)) for name in (
+    "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2", "posterior_variance",
+    "posterior_log_variance_clipped", "log_betas", "sqrt_alphas_cumprod_prev", "one_minus_alphas_cumprod_prev"))
 
 
 @triton.jit
@@ -43,13 +36,26 @@ def _coef(table_ptr, row, num_timesteps, t):
 
 
 @triton.jit
+def predict_x0(table_ptr, num_timesteps, t, x, out, PREDICTION: tl.constexpr, CLIP: tl.constexpr, clip_range):
+    """x_0 from the model's output ``out`` at x_t = ``x`` (float32), clipped to +-clip_range when
+    ``CLIP``. NaN stays NaN (as in torch.clamp): plain min/max would turn it into +-clip_range on a
+    GPU. Shared by every step kernel."""
+    if PREDICTION == EPSILON:
+        x0 = _coef(table_ptr, ROW_SQRT_RECIP_AB, num_timesteps, t) * x - _coef(
+            table_ptr, ROW_SQRT_RECIPM1_AB, num_timesteps, t) * out
+    elif PREDICTION == SAMPLE:
+        x0 = out
+    else:  # V_PREDICTION
+        x0 = _coef(table_ptr, ROW_SQRT_AB, num_timesteps, t) * x - _coef(table_ptr, ROW_SQRT_1M_AB, num_timesteps, t) * out
+    if CLIP:
+        x0 = tl.clamp(x0, -clip_range, clip_range, propagate_nan=tl.PropagateNan.ALL)
+    return x0
+
+
+@triton.jit
 def _reverse_step_kernel(
     x_ptr, model_out_ptr, t_ptr, table_ptr, noise_ptr, seed_ptr, noise_offset_ptr, index_base_ptr, x_prev_ptr, x0_ptr,
     numel, per_sample, out_sample_stride, num_timesteps, clip_range, eta,
-    ROW_SQRT_AB: tl.constexpr, ROW_SQRT_1M_AB: tl.constexpr, ROW_SQRT_RECIP_AB: tl.constexpr,
-    ROW_SQRT_RECIPM1_AB: tl.constexpr, ROW_COEF1: tl.constexpr, ROW_COEF2: tl.constexpr,
-    ROW_POST_VAR: tl.constexpr, ROW_POST_LOGVAR: tl.constexpr, ROW_LOG_BETA: tl.constexpr,
-    ROW_SQRT_AB_PREV: tl.constexpr, ROW_1M_AB_PREV: tl.constexpr,
     SAMPLER: tl.constexpr, PREDICTION: tl.constexpr, VARIANCE: tl.constexpr, CLIP: tl.constexpr,
     ADD_NOISE: tl.constexpr, HAS_NOISE: tl.constexpr, WRITE_X0: tl.constexpr, T_PER_SAMPLE: tl.constexpr,
     SAME_LAYOUT: tl.constexpr, ROW_LEN: tl.constexpr, ALIGNED: tl.constexpr,
@@ -74,17 +80,8 @@ def _reverse_step_kernel(
 
     sqrt_ab = _coef(table_ptr, ROW_SQRT_AB, num_timesteps, t)
     sqrt_1m_ab = _coef(table_ptr, ROW_SQRT_1M_AB, num_timesteps, t)
-    if PREDICTION == EPSILON:
-        x0 = _coef(table_ptr, ROW_SQRT_RECIP_AB, num_timesteps, t) * x - _coef(
-            table_ptr, ROW_SQRT_RECIPM1_AB, num_timesteps, t) * out
-    elif PREDICTION == SAMPLE:
-        x0 = out
-    else:  # V_PREDICTION
-        x0 = sqrt_ab * x - sqrt_1m_ab * out
-    x0_unclipped = x0
-    if CLIP:
-        # NaN stays NaN (as in torch.clamp): plain min/max would turn it into +-clip_range on a GPU.
-        x0 = tl.clamp(x0, -clip_range, clip_range, propagate_nan=tl.PropagateNan.ALL)
+    x0_unclipped = predict_x0(table_ptr, num_timesteps, t, x, out, PREDICTION, False, 0.0)
+    x0 = predict_x0(table_ptr, num_timesteps, t, x, out, PREDICTION, CLIP, clip_range)
 
     if SAMPLER == DDPM:  # the posterior at the predicted x_0
         mean = _coef(table_ptr, ROW_COEF1, num_timesteps, t) * x0 + _coef(table_ptr, ROW_COEF2, num_timesteps, t) * x
@@ -153,7 +150,6 @@ def reverse_step(spec, model_output, t, x_t, table, *, noise=None, seed=None, no
         out, pred_x0_out if pred_x0_out is not None else out,
         numel, per_sample, out_sample_stride, table.shape[1],
         spec.clip_range if spec.clip_range is not None else 0.0, spec.eta,
-        **_ROWS,
         SAMPLER=SAMPLERS.index(spec.sampler), PREDICTION=PREDICTION_TYPES.index(spec.prediction_type),
         VARIANCE=VARIANCE_TYPES.index(spec.variance_type) if spec.sampler == "ddpm" else 0,
         CLIP=spec.clip_range is not None, ADD_NOISE=spec.adds_noise, HAS_NOISE=noise is not None,

@@ -493,3 +493,37 @@ def test_nan_model_output_stays_nan_through_clipping(sampler, dtype):
     assert torch.equal(x_prev.isnan().cpu(), bad)
     finite = ~bad.to(KERNEL_DEVICE)
     assert (x0[finite].abs() <= 1).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# DPM-Solver++(2M) step (kernels/dpm_solver.py) against reference.dpmpp_2m_step
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape, variance_type", [((3, 2, 9, 7), "fixed_small"), ((1025,), "fixed_small"),
+                                                  ((2, 3, 5, 4), "learned_range")], ids=str)
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_dpmpp_2m_kernel_matches_the_reference(dtype, shape, variance_type, prediction_type):
+    """Every chain index (first- and second-order steps), fresh inputs, poisoned outputs; the
+    previous x_0 is overwritten with this step's. The tolerance scale adds the D0 - D0_prev term's
+    amplification (1 + 2 max|dpmpp_diff_coef|) to error_scale's."""
+    from fastddpm.step import StepSpec
+
+    spec = StepSpec("dpmpp_2m", prediction_type, variance_type, clip_range=1.0 if prediction_type == "epsilon" else None)
+    schedule = RESPACED
+    kernels = ops.kernel_module("dpm_solver", interpret=KERNEL_BACKEND == "interpret")
+    table = schedule.table(KERNEL_DEVICE, torch.float32)
+    out_shape = spec.model_output_shape(shape)
+    amplification = 1 + 2 * schedule.dpmpp_diff_coef.abs().max().item()
+    for index in range(schedule.num_timesteps):
+        seed = 100 * index + len(shape)
+        x_t, model_output = randn(shape, seed, dtype), randn(out_shape, seed + 1, dtype)
+        previous = randn(shape, seed + 2, dtype)
+        expected_prev, expected_x0 = reference.dpmpp_2m_step(spec, as64(model_output), index, as64(x_t),
+                                                             as64(previous), schedule)
+        out = poisoned(x_t)
+        t = torch.tensor(index, dtype=torch.int64, device=KERNEL_DEVICE)
+        kernels.dpmpp_2m(spec, model_output, t, x_t, previous, table, out=out)
+        scale = amplification * error_scale(torch.tensor(index), schedule, x_t, model_output, previous)
+        what = f"dpmpp_2m {shape} {dtype} {prediction_type}/{variance_type} index {index}"
+        assert_close_to_reference(out, expected_prev, dtype, what + " x_prev", scale)
+        assert_close_to_reference(previous, expected_x0, dtype, what + " x0", scale)

@@ -134,6 +134,14 @@ def per_element_tables(betas):
         alpha_bar_prev = alpha_bar
     # beta-tilde_0 is 0; its log is clipped to beta-tilde_1 (the original DDPM code's choice).
     rows["posterior_log_variance_clipped"] = [math.log(posterior_variances[1])] + [math.log(v) for v in posterior_variances[1:]]
+    # DPM-Solver++(2M) (Lu et al. 2022): lambda = log(alpha / sigma), h_t = lambda_{t-1} - lambda_t
+    # (infinite into x_0 at t = 0), r_t = h_{t+1} / h_t; first order at t = T - 1 and t = 0.
+    lam = [0.5 * math.log(ab / (1.0 - ab)) for ab in rows["alphas_cumprod"]]
+    h = [math.inf] + [lam[t - 1] - lam[t] for t in range(1, len(lam))]
+    rows["dpmpp_sigma_ratio"] = [math.sqrt((1.0 - prev) / (1.0 - ab))
+                                 for ab, prev in zip(rows["alphas_cumprod"], rows["alphas_cumprod_prev"])]
+    rows["dpmpp_data_coef"] = [math.sqrt(prev) * -math.expm1(-h_t) for prev, h_t in zip(rows["alphas_cumprod_prev"], h)]
+    rows["dpmpp_diff_coef"] = [0.0] + [h[t] / (2.0 * h[t + 1]) for t in range(1, len(h) - 1)] + [0.0]
     return {name: torch.tensor(values, dtype=torch.float64) for name, values in rows.items()}
 
 
