@@ -390,8 +390,10 @@ def default_pretrained_path() -> Path:
 def load_pretrained(path: Optional[PathLike] = None, *, device: Union[str, torch.device] = "cpu") -> Pretrained:
     """A model in eval mode with EMA weights (model weights if the file has no EMA), ready for
     ``model(x, t)``. ``path=None`` loads the digits model shipped in ``fastddpm/assets/``."""
+    from .devices import resolve_device
     from .models import model_from_config
 
+    device = resolve_device(device, argument="device")
     with ExitStack() as stack:
         if path is None:
             path = stack.enter_context(resources.as_file(resources.files("fastddpm").joinpath("assets", DEFAULT_ASSET)))

@@ -418,8 +418,9 @@ def _run(args) -> int:
     _check_args(args)
     import fastddpm
     from .checkpoint import load_pretrained
+    from .devices import resolve_device
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device, argument="--device")
     pretrained = load_pretrained(args.checkpoint, device=device)
     data = args.data or _data_name(pretrained.config) or _DIGITS
     is_image = len(pretrained.sample_shape) == 3

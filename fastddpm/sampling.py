@@ -23,6 +23,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 
 from . import ops, reference
+from .devices import resolve_device
 from .reference import LEARNED_VARIANCE_TYPES, PREDICTION_TYPES, VARIANCE_TYPES
 from .schedule import NoiseSchedule, as_schedule
 
@@ -160,21 +161,16 @@ def _first_parameter(model) -> Optional[torch.Tensor]:
 
 def _resolve_device(device, model, noise) -> torch.device:
     if device is not None:
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError) as error:
-            raise ValueError(f"device must name a torch device, got {device!r}") from error
+        device = resolve_device(device, argument="device")
     else:
         parameter = _first_parameter(model)
         if parameter is not None:
-            device = parameter.device
+            device = resolve_device(parameter.device, argument="the model's parameters' device")
         elif noise is not None:
-            device = noise.device
+            device = resolve_device(noise.device, argument="noise's device")
         else:
             device = torch.device("cpu")
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={str(device)!r} but CUDA is not available")
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
     return device

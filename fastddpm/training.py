@@ -27,6 +27,7 @@ from torch import nn
 from . import ops
 from .checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from .data import Dataset, load_dataset
+from .devices import resolve_device
 from .losses import LOSS_TYPES, training_losses
 from .models import PRESETS, create_model
 from .reference import LEARNED_VARIANCE_TYPES, PREDICTION_TYPES, VARIANCE_TYPES
@@ -288,6 +289,8 @@ def train(
         raise TypeError(f"schedule must be a schedule name or a NoiseSchedule, got {type(schedule).__name__}")
     if callback is not None and not callable(callback):
         raise TypeError("callback must be callable")
+    if device is not None:
+        device = resolve_device(device, argument="device")
     out = Path(out) if out is not None else None
     resume_path: Optional[Path] = None
     if resume is not False and resume is not None:
@@ -590,6 +593,7 @@ def run(args) -> int:
         if args.random_flip is not None:
             data_options["random_flip"] = args.random_flip
         out = args.out if args.out is not None else os.path.join("runs", args.preset)
+        device = resolve_device(args.device, argument="--device") if args.device is not None else None
         result = train(
             args.preset, args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
             warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
@@ -598,7 +602,7 @@ def run(args) -> int:
             prediction_type=args.prediction_type, variance_type=args.variance_type, loss_type=args.loss_type,
             vlb_weight=args.vlb_weight, model_overrides=overrides, data_options=data_options, out=out,
             ckpt_every=args.ckpt_every, sample_every=args.sample_every, sample_steps=args.sample_steps,
-            log_every=args.log_every, resume=args.resume, device=args.device, precision=args.precision,
+            log_every=args.log_every, resume=args.resume, device=device, precision=args.precision,
             progress=args.progress,
         )
     except (ValueError, TypeError, FileNotFoundError) as error:

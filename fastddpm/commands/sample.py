@@ -165,15 +165,12 @@ def _image_path(out: str) -> Path:
 
 
 def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from fastddpm.devices import resolve_device
+
     try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise CommandError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CommandError(f"--device {name}: CUDA is not available on this machine")
-    return device
+        return resolve_device(name, argument="--device")
+    except ValueError as error:
+        raise CommandError(str(error)) from None
 
 
 # ---------------------------------------------------------------------------------------------
