@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from importlib import resources
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .outputs import atomic_write
 from .schedule import NoiseSchedule
 
 __all__ = [
@@ -174,36 +174,6 @@ def _json_default(value):
     raise TypeError(f"cannot store {type(value).__name__} in a checkpoint's JSON metadata")
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(temporary_path)``, fsync, then rename over ``path``; clean up on failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(temporary)
-        os.chmod(temporary, 0o644)  # mkstemp creates 0600; checkpoints are ordinary files
-        descriptor = os.open(temporary, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable where the platform allows it
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-    except OSError:
-        pass
-
-
 def save_checkpoint(
     path: PathLike,
     *,
@@ -258,7 +228,7 @@ def save_checkpoint(
     # safetensors wants contiguous CPU tensors that share no storage.
     tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in tensors.items()}
     path = Path(path)
-    _atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
+    atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
     return path
 
 

@@ -18,6 +18,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -419,8 +420,11 @@ def _run(args) -> int:
     import fastddpm
     from .checkpoint import load_pretrained
     from .devices import resolve_device
+    from .outputs import check_writable
 
     device = resolve_device(args.device, argument="--device")
+    if args.json_path:  # before any work: the report must have somewhere to go
+        check_writable(args.json_path, "--json")
     pretrained = load_pretrained(args.checkpoint, device=device)
     data = args.data or _data_name(pretrained.config) or _DIGITS
     is_image = len(pretrained.sample_shape) == 3
@@ -442,6 +446,8 @@ def _run(args) -> int:
         command="fastddpm eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else None,
     )
 
+    if args.num_samples > 0 and data == _DIGITS:
+        _check_classifier_cache(args.classifier_cache, pretrained.sample_shape[-1])
     if args.num_samples > 0:
         started = time.perf_counter()
         samples = fastddpm.sample(
@@ -471,7 +477,26 @@ def _run(args) -> int:
 
     _print_report(report)
     if args.json_path:
-        with open(args.json_path, "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=1)
+        from .outputs import atomic_write, save_or_rescue
+
+        text = json.dumps(report, indent=1)
+
+        def write(path):
+            return atomic_write(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
+
+        save_or_rescue(write, args.json_path, argument="--json", what="the report")
         print(f"wrote {args.json_path}")
     return 0
+
+
+def _check_classifier_cache(cache_dir, image_size: int) -> None:
+    """Before sampling: the digit classifier is either cached already or its cache can be written."""
+    from .data import load_digits
+    from .metrics import digit_classifier_cache_path
+    from .outputs import check_writable
+
+    images, labels = load_digits("train", image_size=image_size)
+    path = digit_classifier_cache_path(cache_dir, images=images, labels=labels)
+    if not path.is_file():
+        default = " (default $FASTDDPM_CACHE or ~/.cache/fastddpm)" if cache_dir is None else ""
+        check_writable(path, f"--classifier-cache{default}")

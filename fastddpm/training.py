@@ -28,8 +28,10 @@ from . import ops
 from .checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from .data import Dataset, load_dataset
 from .devices import resolve_device
+from .interrupts import DeferredInterrupts, Interrupted
 from .losses import LOSS_TYPES, training_losses
 from .models import PRESETS, create_model
+from .outputs import NonFiniteError, check_writable, describe_os_error, save_or_rescue
 from .reference import LEARNED_VARIANCE_TYPES, PREDICTION_TYPES, VARIANCE_TYPES
 from .schedule import BETA_SCHEDULES, NoiseSchedule
 
@@ -303,6 +305,8 @@ def train(
             resume_path = Path(resume)
             if not resume_path.exists():
                 raise FileNotFoundError(f"resume checkpoint {str(resume_path)!r} does not exist")
+    if out is not None:  # before any work: the run folder must take files
+        check_writable(out, "out", folder=True)
 
     # ---- data and model
     architecture = PRESETS[preset]["architecture"]
@@ -407,17 +411,58 @@ def _train_loop(*, preset, dataset, overrides, noise_schedule, schedule_name, st
         out.mkdir(parents=True, exist_ok=True)
         log_file = open(out / "log.jsonl", "a", encoding="utf-8")
 
-    def write_checkpoint(step: int) -> None:
+    # Under torchrun: a CPU (gloo) group for the small control messages (stop requests, whether
+    # rank 0 wrote its checkpoint), so that they need no device sync whatever the main backend.
+    control_group = None
+    if world_size > 1 and torch.distributed.get_backend() != "gloo":
+        control_group = torch.distributed.new_group(backend="gloo")
+
+    def write_checkpoint(step: int) -> Optional[Path]:
+        """The full state at ``step`` into out/checkpoint.safetensors (rank 0 writes, the others
+        wait). If the write fails, a copy goes elsewhere and every rank raises the error naming it."""
         if out is None:
-            return
+            return None
+        failure: Optional[BaseException] = None
         if is_main:
             extra = {"ema_n_averaged": int(ema.n_averaged.item())}
             if scaler is not None:
                 extra["grad_scaler"] = scaler.state_dict()
-            save_checkpoint(out / CHECKPOINT_NAME, config=config, schedule=noise_schedule, model=raw_model,
-                            ema=ema.module, optimizer=optimizer, step=step, rng_state=capture_rng_state(), extra=extra)
-        if world_size > 1:
-            torch.distributed.barrier()
+            try:
+                save_or_rescue(lambda path: save_checkpoint(
+                    path, config=config, schedule=noise_schedule, model=raw_model, ema=ema.module,
+                    optimizer=optimizer, step=step, rng_state=capture_rng_state(), extra=extra),
+                    out / CHECKPOINT_NAME, argument="out", what=f"the checkpoint of step {step}")
+            except (OSError, NonFiniteError) as error:
+                failure = error
+        if world_size > 1:  # also the barrier: every rank waits for rank 0's write
+            status = [failure]
+            torch.distributed.broadcast_object_list(status, src=0, group=control_group)
+            failure = status[0]
+        if failure is not None:
+            raise failure
+        return out / CHECKPOINT_NAME
+
+    interrupts = DeferredInterrupts()
+
+    def stop_signal() -> Optional[int]:
+        """The signal that asked this run to stop (agreed by all ranks), else None."""
+        if world_size == 1:
+            return interrupts.signum
+        flag = torch.tensor([interrupts.signum or 0], dtype=torch.int64)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=control_group)
+        return int(flag) or None
+
+    def stopped(signum: int, done: int) -> Interrupted:
+        """Save what the finished steps earned and say where, for the one line the CLI prints."""
+        if out is None:
+            return Interrupted(signum, f"stopped after step {done}; nothing saved (no out folder)")
+        if done == start_step:
+            kept = f"; {str(resume_path)!r} is unchanged" if resume_path is not None else ""
+            return Interrupted(signum, f"stopped before step {done + 1} finished; nothing new to save{kept}")
+        path = write_checkpoint(done)
+        if not is_main:
+            return Interrupted(signum, f"rank {rank} stopped at step {done} with rank 0, which saved the checkpoint")
+        return Interrupted(signum, f"saved the checkpoint of step {done} to {path}; continue with --resume")
 
     order = _DataOrder(len(dataset), seed)
     local = batch_size // world_size
@@ -437,6 +482,7 @@ def _train_loop(*, preset, dataset, overrides, noise_schedule, schedule_name, st
 
     step = start_step
     try:
+        interrupts.__enter__()  # from here, SIGINT / SIGTERM wait for the end of a step
         for step in range(start_step, steps):
             # Everything random about this step derives from (seed, step): see the module docstring.
             batch_generator.manual_seed(derive_seed(seed, _STREAM_BATCH, step))
@@ -496,17 +542,31 @@ def _train_loop(*, preset, dataset, overrides, noise_schedule, schedule_name, st
             if ckpt_every and done % ckpt_every == 0 and done != steps:
                 write_checkpoint(done)
             if out is not None and is_main and sample_every and dataset.is_image and done % sample_every == 0:
-                _save_sample_grid(ema.module, noise_schedule, config, out / "samples" / f"step_{done:07d}.png",
-                                  seed, num_samples, sample_steps, device)
+                grid = out / "samples" / f"step_{done:07d}.png"
+                try:
+                    _save_sample_grid(ema.module, noise_schedule, config, grid, seed, num_samples, sample_steps,
+                                      device)
+                except OSError as error:  # a preview: losing it must not cost the run
+                    tqdm.write(f"note: could not write the sample grid {str(grid)!r} ({describe_os_error(error)})",
+                               file=sys.stderr)
             if callback is not None:
                 callback(done, loss.detach())
+            signum = stop_signal()
+            if signum is not None:
+                raise stopped(signum, done)
         final_step = max(steps, start_step)
         if out is not None:
             if start_step < steps or not (out / CHECKPOINT_NAME).exists():
                 write_checkpoint(final_step)
             if is_main:
-                save_checkpoint(out / EMA_NAME, config=config, schedule=noise_schedule, ema=ema.module, step=final_step)
+                save_or_rescue(lambda path: save_checkpoint(path, config=config, schedule=noise_schedule,
+                                                            ema=ema.module, step=final_step),
+                               out / EMA_NAME, argument="out", what=f"the EMA weights of step {final_step}")
+        if interrupts.signum is not None:  # the signal came during the final saves, which finished
+            raise Interrupted(interrupts.signum, f"the run had finished; its checkpoint of step {final_step} is in "
+                                                 f"{out}" if out is not None else "the run had finished")
     finally:
+        interrupts.__exit__(None, None, None)
         bar.close()
         if log_file is not None:
             log_file.close()
@@ -593,7 +653,9 @@ def run(args) -> int:
         if args.random_flip is not None:
             data_options["random_flip"] = args.random_flip
         out = args.out if args.out is not None else os.path.join("runs", args.preset)
+        # The CLI's own names in the messages: --device, --out (train() checks them again).
         device = resolve_device(args.device, argument="--device") if args.device is not None else None
+        check_writable(out, "--out", folder=True)
         result = train(
             args.preset, args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
             warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,

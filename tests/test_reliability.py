@@ -23,6 +23,7 @@ from fastddpm import NoiseSchedule, ops
 from fastddpm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fastddpm.cli import COMMANDS, build_parser, main
 from fastddpm.data import Dataset
+from fastddpm.outputs import NonFiniteError, OutputError, atomic_write, check_writable
 from fastddpm.training import TRAINING_DEFAULTS, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +84,186 @@ def _disk_full_in(folder, real_writer, file_arg=0):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     return writer
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. outputs: checked before the work, written atomically, kept elsewhere on a failed write
+# ---------------------------------------------------------------------------------------------
+def test_sample_out_under_a_file_fails_before_loading_anything(monkeypatch, tmp_path, capsys):
+    calls = _fake_checkpoint(monkeypatch)
+    (tmp_path / "afile").write_text("")
+    assert main(["sample", "--out", str(tmp_path / "afile" / "x.png"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert calls == [] and "Traceback" not in err
+    assert err.startswith("fastddpm sample: error: --out") and "is a file, not a folder" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(IS_ROOT, reason="root writes into read-only folders")
+def test_sample_into_a_read_only_folder_fails_before_loading_anything(monkeypatch, tmp_path, capsys):
+    calls = _fake_checkpoint(monkeypatch)
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        assert main(["sample", "--out", str(folder / "x.png"), "--no-progress"]) == 1
+    finally:
+        folder.chmod(0o755)
+    assert calls == [] and "cannot write there" in capsys.readouterr().err
+
+
+def test_sample_on_a_full_disk_keeps_the_samples_and_says_where(monkeypatch, tmp_path, capsys):
+    _fake_checkpoint(monkeypatch)
+    out, rescue = tmp_path / "out", tmp_path / "rescue"
+    out.mkdir()
+    rescue.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(rescue))
+    monkeypatch.setattr(np, "savez", _disk_full_in(out, np.savez))
+    assert main(["sample", "--out", str(out / "s.png"), "--num-samples", "3", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err
+    kept = re.search(r"kept the samples in (\S+) instead", err)
+    assert kept, err
+    samples = np.load(kept.group(1))["samples"]
+    assert samples.shape == (3, 1, 4, 4) and np.isfinite(samples).all()
+    assert list(out.iterdir()) == []  # no partial .npz, no temporary file, no grid
+
+
+def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    target = tmp_path / "a.bin"
+    target.write_bytes(b"old")
+
+    def fails(temporary):
+        Path(temporary).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "full")
+
+    with pytest.raises(OSError):
+        atomic_write(target, fails)
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["a.bin"]
+
+
+def test_check_writable_names_the_argument(tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(OutputError, match=r"^--json .*is a file, not a folder"):
+        check_writable(tmp_path / "f" / "r.json", "--json")
+    with pytest.raises(OutputError, match=r"^out .*is a file; expected a folder"):
+        check_writable(tmp_path / "f", "out", folder=True)
+    assert check_writable(tmp_path / "new" / "deeper", "out", folder=True).is_dir()
+    assert [p.name for p in (tmp_path / "new" / "deeper").iterdir()] == []  # the probe is gone
+
+
+def test_train_checkpoint_write_failure_keeps_the_checkpoint_elsewhere(monkeypatch, tmp_path):
+    import safetensors.torch
+
+    run, rescue = tmp_path / "run", tmp_path / "rescue"
+    rescue.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(rescue))
+    monkeypatch.setattr(safetensors.torch, "save_file", _disk_full_in(run, safetensors.torch.save_file, 1))
+    with pytest.raises(OutputError, match="No space left") as caught:
+        train("digits", "digits", steps=2, batch_size=4, model_overrides=TINY, out=run, **QUIET)
+    kept = re.search(r"kept the checkpoint of step 2 in (\S+) instead", str(caught.value))
+    assert kept, str(caught.value)
+    assert load_checkpoint(kept.group(1)).step == 2
+    assert not (run / "checkpoint.safetensors").exists() and not list(run.glob(".*.tmp"))
+
+
+def test_train_out_under_a_file_fails_before_loading_data(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr("fastddpm.training.load_dataset", lambda *a, **k: pytest.fail("loaded data"))
+    (tmp_path / "afile").write_text("")
+    assert main(["train", "--out", str(tmp_path / "afile" / "run"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fastddpm train: error: --out") and "Traceback" not in err
+
+
+def test_eval_json_and_classifier_cache_are_checked_before_sampling(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(fastddpm, "sample", lambda *a, **k: pytest.fail("sampled"))
+    _fake_checkpoint(monkeypatch)
+    (tmp_path / "afile").write_text("")
+    assert main(["eval", "--json", str(tmp_path / "afile" / "r.json")]) == 1
+    assert "--json" in capsys.readouterr().err
+    assert main(["eval", "--classifier-cache", str(tmp_path / "afile" / "cache"), "--num-samples", "2",
+                 "--no-bound"]) == 1
+    assert "--classifier-cache" in capsys.readouterr().err
+
+
+def test_an_unwritable_classifier_cache_warns_and_keeps_the_classifier(monkeypatch, tmp_path):
+    import fastddpm.metrics as metrics
+
+    trained = torch.nn.Linear(1, 1)
+    monkeypatch.setattr(metrics, "train_digit_classifier", lambda *a, **k: trained)
+    monkeypatch.setattr(torch, "save", _disk_full_in(tmp_path, torch.save, 1))
+    images, labels = torch.zeros(4, 1, 8, 8), torch.arange(4)
+    with pytest.warns(RuntimeWarning, match="could not cache"):
+        assert metrics.load_digit_classifier(tmp_path, images=images, labels=labels) is trained
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. interrupts (fresh subprocesses)
+# ---------------------------------------------------------------------------------------------
+def _start(args, cwd, **env):
+    environment = dict(os.environ, OMP_NUM_THREADS="1", **env)
+    environment.pop("WORLD_SIZE", None)
+    return subprocess.Popen([sys.executable, "-m", "fastddpm", *args], cwd=cwd, env=environment,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(process, pattern, timeout=120):
+    """Read stderr until ``pattern`` matches (the command is working); returns what was read."""
+    seen = ""
+    deadline = time.monotonic() + timeout
+    while not re.search(pattern, seen):
+        char = process.stderr.read(1)
+        if not char or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"never printed {pattern!r}: {seen[-2000:]}")
+        seen += char
+    return seen
+
+
+def test_signals_stop_train_with_a_saved_checkpoint_and_sample_with_one_line(tmp_path):
+    train_args = ["train", "--steps", "100000", "--batch-size", "4", "--sample-every", "0", *TINY_ARGS]
+    runs = {
+        "sigint": (_start([*train_args, "--out", "int"], tmp_path), signal.SIGINT, 130),
+        "sigterm": (_start([*train_args, "--out", "term"], tmp_path), signal.SIGTERM, 143),
+        "sample": (_start(["sample", "--num-samples", "512", "--out", "s.png"], tmp_path), signal.SIGINT, 130),
+    }
+    for name, (process, signum, _) in runs.items():
+        _wait_for(process, r"\| [1-9]\d*/\d+ ")  # the progress bar has counted a finished step
+        process.send_signal(signum)
+    for name, (process, signum, code) in runs.items():
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == code, (name, err[-2000:])
+        assert "Traceback" not in err
+        last = err.replace("\r", "\n").strip().splitlines()[-1]
+        command = "sample" if name == "sample" else "train"
+        assert last.startswith(f"fastddpm {command}: interrupted by {signal.Signals(signum).name}; "), last
+    assert "nothing written" in last and not list(tmp_path.glob("s.*"))
+    for folder in ("int", "term"):
+        step = load_checkpoint(tmp_path / folder / "checkpoint.safetensors").step
+        assert step >= 1
+        assert fastddpm.load_pretrained(tmp_path / folder / "checkpoint.safetensors").step == step
+
+
+def test_deferred_interrupts_record_the_first_signal_and_a_second_ctrl_c_stops_at_once():
+    script = """
+import os, signal
+from fastddpm.interrupts import DeferredInterrupts, Interrupted
+import time
+with DeferredInterrupts() as stop:
+    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGTERM)   # torchrun's follow-up: only noted
+    os.kill(os.getpid(), signal.SIGINT)    # the same Ctrl-C passed on by torchrun: only noted
+    print("first", stop.signum)
+    time.sleep(1.1)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C again
+    except Interrupted as error:
+        print("second", error.exit_code)
+print("restored", signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["first", "2", "second", "130", "restored", "True"], done.stderr
 
 
 # ---------------------------------------------------------------------------------------------
