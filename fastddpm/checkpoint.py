@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .outputs import atomic_write
+from .outputs import NonFiniteError, atomic_write
 from .schedule import NoiseSchedule
 
 __all__ = [
@@ -162,6 +162,14 @@ def _state_of(obj, name: str) -> Dict[str, torch.Tensor]:
     raise TypeError(f"{name} must be an nn.Module or a state dict, got {type(obj).__name__}")
 
 
+def _first_non_finite(state: Dict[str, torch.Tensor]) -> Optional[str]:
+    """The first key of ``state`` whose floating-point tensor holds a NaN or infinity, else None."""
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return key
+    return None
+
+
 def _json_default(value):
     if isinstance(value, (np.integer,)):
         return int(value)
@@ -208,7 +216,11 @@ def save_checkpoint(
     for prefix, obj in (("model", model), ("ema", ema)):
         if obj is None:
             continue
-        for key, value in _state_of(obj, prefix).items():
+        state = _state_of(obj, prefix)
+        bad = _first_non_finite(state)
+        if bad is not None:  # a checkpoint of NaN weights is worse than none: refuse to write it
+            raise NonFiniteError(f"not writing {str(path)!r}: {prefix} weight {bad!r} holds NaN or infinite values")
+        for key, value in state.items():
             value = value.detach()
             if dtype is not None and value.is_floating_point():
                 value = value.to(dtype)
@@ -345,6 +357,9 @@ def load_state_into(module: nn.Module, state: Dict[str, torch.Tensor], path: Pat
                 lines.append(f"{label}: {shown}")
         raise CheckpointError(f"{what} weights in {str(path)!r} do not fit {type(module).__name__} "
                               f"(was it built with the checkpoint's config?); " + "; ".join(lines))
+    bad = _first_non_finite(state)
+    if bad is not None:
+        raise CheckpointError(f"{what} weights in {str(path)!r} are unusable: {bad!r} holds NaN or infinite values")
     with torch.no_grad():
         module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
 

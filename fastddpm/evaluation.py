@@ -25,6 +25,7 @@ import torch
 
 from . import reference
 from .losses import discretized_gaussian_log_likelihood, normal_kl, p_mean_variance, posterior_mean_variance
+from .outputs import require_finite
 from .reference import PREDICTION_TYPES, VARIANCE_TYPES
 from .schedule import NoiseSchedule
 
@@ -145,6 +146,7 @@ def variational_bound(
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
     if variance_type not in VARIANCE_TYPES:
         raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
+    schedule.check_prediction_type(prediction_type)
     _check_int("batch_size", batch_size, 1)
     _check_int("seed", seed, 0)
 
@@ -198,6 +200,7 @@ def variational_bound(
                            torch.zeros_like(x0), torch.zeros_like(x0)).flatten(1).sum(1)
     prior = prior_nats * nats_to_bpd
     per_image = terms.sum(1) + prior
+    require_finite(per_image, "the bound's terms (the model's outputs?)")
     mean_terms = terms.mean(0)
     return BoundResult(
         bits_per_dim=float(per_image.mean()),
@@ -245,6 +248,7 @@ def evaluate_digit_samples(
         raise ValueError(f"samples must be digit images [N, 1, S, S], got {got}")
     if samples.shape[0] < 2:
         raise ValueError(f"samples must hold at least 2 images, got {samples.shape[0]}")
+    require_finite(samples, "samples")
     _check_int("seed", seed, 0)
     image_size = samples.shape[-1]
     train_images, train_labels = load_digits("train", image_size=image_size)

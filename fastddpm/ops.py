@@ -232,6 +232,7 @@ def _check_step_args(model_output, t, x_t, schedule, prediction_type, variance_t
     _check_same_device("model_output", model_output, x_t, "x_t")
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    schedule.check_prediction_type(prediction_type)
     if variance_type not in VARIANCE_TYPES:
         raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
     if variance_type in LEARNED_VARIANCE_TYPES:

@@ -5,6 +5,11 @@ noise offset all live in device tensors that the loop advances with in-place ops
 read back to the host between steps. That is also what lets a CUDA graph of "model call + step"
 be captured once and replayed for every step.
 
+NaN. Every step also notes on the device the first step whose model output or result is NaN /
+infinite; the host reads that note every ``_FINITE_CHECK_EVERY`` steps and at the end, and
+:func:`sample` raises :class:`fastddpm.outputs.NonFiniteError` naming the step instead of
+returning NaN.
+
 Noise. With ``seed`` (an int), x_T is :func:`fastddpm.reference.philox_randn` at noise offset 0
 and step ``k`` (0-based, counted from x_T) draws the Philox stream of the same seed at noise
 offset ``k + 1``, inside the fused kernel on CUDA and in the reference on the CPU: both paths
@@ -24,6 +29,7 @@ import torch
 
 from . import ops, reference
 from .devices import resolve_device
+from .outputs import NonFiniteError
 from .reference import LEARNED_VARIANCE_TYPES, PREDICTION_TYPES, VARIANCE_TYPES
 from .schedule import NoiseSchedule, as_schedule
 
@@ -35,6 +41,9 @@ _SEED_LIMIT = 2**63
 _INITIAL_NOISE_OFFSET = 0
 # Eager steps before a CUDA graph capture (as PyTorch's CUDA-graph notes advise, a few).
 _GRAPH_WARMUP_STEPS = 3
+# Every step records on the device whether the sample went NaN / infinite; the host reads that
+# record only every this many steps (one host sync each time) and once at the end.
+_FINITE_CHECK_EVERY = 50
 
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
@@ -115,8 +124,13 @@ def sample(
         ``intermediates`` holds the sample after each step (``num_steps`` tensors, the last
         equal to ``samples``).
 
-    On CUDA nothing in the loop synchronises with the host, except copying noise from a CPU
-    ``generator`` (use a CUDA generator to avoid it) and the float64 reference path.
+    Raises :class:`fastddpm.outputs.NonFiniteError` (naming the step where it started) if the
+    model's output or the samples become NaN or infinite; a check every 50 steps stops the run
+    early.
+
+    On CUDA nothing in the loop synchronises with the host, except the NaN check every 50 steps,
+    copying noise from a CPU ``generator`` (use a CUDA generator to avoid it) and the float64
+    reference path.
     """
     plan = _Plan.build(model, shape, schedule=schedule, num_steps=num_steps, sampler=sampler, eta=eta,
                        prediction_type=prediction_type, variance_type=variance_type, clip_denoised=clip_denoised,
@@ -249,6 +263,7 @@ class _Plan:
             raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
 
         schedule = _schedule_for(schedule, num_steps)
+        schedule.check_prediction_type(prediction_type)
         device = _resolve_device(device, model, noise)
         dtype = _resolve_dtype(dtype, model)
         chosen_backend = ops.resolve_backend(backend, device, dtype)
@@ -322,6 +337,8 @@ class _Plan:
             self.noise_buffer = torch.zeros(self.shape, dtype=self.dtype, device=device)
         wants_pred_x0 = self.callback is not None
         self.pred_x0 = torch.empty_like(self.x) if wants_pred_x0 else None
+        # Schedule index of the first step that left x NaN / infinite; -1 while none has.
+        self.first_non_finite = torch.full((), -1, dtype=torch.int64, device=device)
         self.schedule.table(device, torch.float32)  # build the device table now, not during capture
 
     # ------------------------------------------------------------------ one step
@@ -354,8 +371,27 @@ class _Plan:
             ops.ddpm_step(output, self.step_index, self.x, self.schedule, variance_type=self.variance_type, **common)
         else:
             ops.ddim_step(output, self.step_index, self.x, self.schedule, eta=self.eta, **common)
+        self._track_non_finite(output)
         self.step_index.sub_(1)
         self.noise_offset.add_(1)
+
+    def _track_non_finite(self, output: torch.Tensor) -> None:
+        """Note on the device (no host read, so also inside a CUDA graph) the schedule index of
+        the first step whose model output or result holds a NaN or infinity. The output counts
+        too: clipping x_0 can turn a NaN prediction into finite garbage."""
+        finite = torch.isfinite(output).all() & torch.isfinite(self.x).all()
+        went_bad = finite.logical_not() & (self.first_non_finite < 0)
+        self.first_non_finite.copy_(torch.where(went_bad, self.step_index, self.first_non_finite))
+
+    def _raise_if_non_finite(self) -> None:
+        """Read the device-side record (a host sync) and refuse non-finite samples."""
+        index = int(self.first_non_finite)
+        if index >= 0:
+            step = self.num_steps - index  # 1-based: the first step has schedule index T - 1
+            raise NonFiniteError(
+                f"samples contain NaN or infinite values (in the model's output or the sample), first at step "
+                f"{step} of {self.num_steps} (model timestep {int(self.schedule.timesteps[index])}); check the "
+                "model's weights and the noise schedule")
 
     def _before_step(self, step: int) -> None:
         """Host-side preparation of step ``step``: the generator's noise, drawn in diffusers' order."""
@@ -366,6 +402,8 @@ class _Plan:
             self.noise_buffer.copy_(self._draw())
 
     def _after_step(self, step: int, intermediates: Optional[List[torch.Tensor]]) -> None:
+        if (step + 1) % _FINITE_CHECK_EVERY == 0:
+            self._raise_if_non_finite()
         if intermediates is not None:
             intermediates.append(self.x.clone())
         if self.callback is not None:
@@ -388,6 +426,7 @@ class _Plan:
                     self._step()
                     self._after_step(step, intermediates)
                     bar.update(1)
+        self._raise_if_non_finite()
         return (self.x, intermediates) if self.return_intermediates else self.x
 
     def _run_graphed(self, intermediates, bar) -> None:

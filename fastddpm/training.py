@@ -289,6 +289,7 @@ def train(
         noise_schedule, schedule_name = NoiseSchedule.from_name(schedule, _positive_int("num_timesteps", num_timesteps)), schedule
     else:
         raise TypeError(f"schedule must be a schedule name or a NoiseSchedule, got {type(schedule).__name__}")
+    noise_schedule.check_prediction_type(prediction_type)
     if callback is not None and not callable(callback):
         raise TypeError("callback must be callable")
     if device is not None:
@@ -529,6 +530,13 @@ def _train_loop(*, preset, dataset, overrides, noise_schedule, schedule_name, st
                     reduced = torch.tensor([mean_loss], device=device)
                     torch.distributed.all_reduce(reduced)
                     mean_loss = reduced.item() / world_size
+                if not math.isfinite(mean_loss) and scaler is None:
+                    # Without a grad scaler to skip it, a NaN loss has made the weights NaN too.
+                    kept = f"; the last checkpoint in {str(out)!r} is kept" if out is not None else ""
+                    first = done - running_count + 1
+                    when = f"at step {done}" if first == done else f"between steps {first} and {done}"
+                    raise NonFiniteError(f"the training loss became NaN or infinite {when}; stopped without "
+                                         f"saving{kept}")
                 losses.append((done, mean_loss))
                 running_loss.zero_()
                 running_count = 0

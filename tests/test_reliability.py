@@ -267,6 +267,93 @@ print("restored", signal.getsignal(signal.SIGINT) is signal.default_int_handler)
 
 
 # ---------------------------------------------------------------------------------------------
+# 4. NaN is refused, never written
+# ---------------------------------------------------------------------------------------------
+def _beta_one_schedule():
+    betas = torch.linspace(1e-4, 0.02, 10, dtype=torch.float64)
+    betas[-1] = 1.0
+    return NoiseSchedule(betas)
+
+
+def test_a_beta_of_one_is_refused_where_it_makes_a_step_undefined():
+    schedule = _beta_one_schedule()
+    model = _Conv()
+    with pytest.raises(ValueError, match=r"^schedule: beta = 1 at index 9 .*prediction_type='epsilon'"):
+        fastddpm.sample(model, (2, 1, 4, 4), schedule=schedule, seed=0, progress=False)
+    assert model.calls == 0
+    with pytest.raises(ValueError, match="beta = 1"):
+        ops.ddpm_step(torch.zeros(2, 1, 4), 3, torch.zeros(2, 1, 4), schedule, seed=0)
+    with pytest.raises(ValueError, match="beta = 1"):
+        train("digits", "digits", schedule=schedule, steps=1, **QUIET)
+    # With v or x_0 prediction alpha_bar = 0 is well defined (zero terminal SNR): allowed, finite.
+    x = fastddpm.sample(model, (2, 1, 4, 4), schedule=schedule, prediction_type="v_prediction", seed=0,
+                        progress=False)
+    assert torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "interpret"])
+def test_nan_from_the_model_names_the_step_and_stops_early(backend):
+    if backend == "interpret":
+        pytest.importorskip("triton")
+        if HAS_CUDA:
+            pytest.skip("the interpreter runs on CPU tensors")
+    # NaN from trained timestep 180 down: step 1 of 100 over T=200 sees t=199, ... step 11 sees t=179.
+    schedule = NoiseSchedule.linear(200)
+    model = _Conv(nan_below=180)
+    with pytest.raises(NonFiniteError, match=r"samples contain NaN.*first at step 11 of 100 \(model timestep 1"):
+        fastddpm.sample(model, (2, 1, 4, 4), schedule=schedule, num_steps=100, seed=0, progress=False,
+                        backend=backend)
+    assert model.calls == 50  # the check every 50 steps ended the run half way
+
+
+def test_sample_command_refuses_nan_and_writes_nothing(monkeypatch, tmp_path, capsys):
+    _fake_checkpoint(monkeypatch, model=_Conv(nan_below=5))
+    assert main(["sample", "--out", str(tmp_path / "s.png"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fastddpm sample: error: samples contain NaN") and "step 6 of 10 (model timestep 4)" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_says_samples_contain_nan(monkeypatch, tmp_path, capsys):
+    _fake_checkpoint(monkeypatch, model=_Conv(nan_below=5))
+    assert main(["eval", "--num-samples", "4", "--no-bound", "--classifier-cache", str(tmp_path)]) == 1
+    assert "samples contain NaN" in capsys.readouterr().err
+    from fastddpm.evaluation import evaluate_digit_samples
+
+    with pytest.raises(NonFiniteError, match="samples contain NaN"):
+        evaluate_digit_samples(torch.full((4, 1, 8, 8), float("nan")), classifier=object())
+
+
+def test_nan_weights_are_neither_written_nor_loaded(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    model = _Conv()
+    config = {"model": {}, "diffusion": {}, "sample_shape": [1, 4, 4]}
+    path = save_checkpoint(tmp_path / "ok.safetensors", config=config, schedule=NoiseSchedule.linear(10), ema=model)
+    with torch.no_grad():
+        model.conv.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match="conv.weight"):
+        save_checkpoint(tmp_path / "nan.safetensors", config=config, schedule=NoiseSchedule.linear(10), ema=model)
+    assert not (tmp_path / "nan.safetensors").exists()
+    # A NaN file made by other means is refused on loading.
+    tensors = load_file(path)
+    tensors["ema.conv.weight"] = torch.full_like(tensors["ema.conv.weight"], float("nan"))
+    with safe_open(path, framework="pt") as reader:
+        metadata = reader.metadata()
+    save_file(tensors, tmp_path / "nan.safetensors", metadata=metadata)
+    with pytest.raises(CheckpointError, match="conv.weight.*NaN"):
+        load_checkpoint(tmp_path / "nan.safetensors", ema=_Conv())
+
+
+def test_a_nan_loss_stops_training_without_writing(tmp_path):
+    data = Dataset(torch.full((8, 1, 8, 8), float("nan")), "nan")
+    with pytest.raises(NonFiniteError, match="loss became NaN or infinite at step 1;"):
+        train("digits", data, steps=3, batch_size=4, model_overrides=TINY, out=tmp_path / "run", **QUIET)
+    assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------
 # 5. devices and demo arguments: one line, no traceback
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv,message", [
