@@ -118,12 +118,20 @@ def _check_t(t, batch: Optional[int], num_timesteps: int, device: torch.device) 
     return t.to(device=device, dtype=torch.int64).contiguous()
 
 
+def _check_batch(name: str, x: torch.Tensor) -> None:
+    """The one rule for a batch (``fastddpm.sample``'s too): shape [B, ...] with B >= 1."""
+    if x.ndim == 0 or x.shape[0] < 1:
+        raise ValueError(f"{name} must have shape [B, ...] with a batch of B >= 1, got shape {tuple(x.shape)}")
+
+
 def _check_noise(noise, x: torch.Tensor, seed, noise_offset, *, needed: bool = True):
     if noise is not None:
         _check_floating("noise", noise)
         if noise.shape != x.shape:
             raise ValueError(f"noise must have the shape of the sample {tuple(x.shape)}, got {tuple(noise.shape)}")
         _check_same_device("noise", noise, x, "the sample")
+        if seed is not None:
+            raise ValueError("give noise or seed, not both: seed keys the in-kernel noise that noise replaces")
         return
     if not needed:
         return
@@ -192,13 +200,13 @@ def q_sample(
 
     ``t`` is an int or an integer tensor of shape [] or [B] (indices into ``schedule``).
     ``eps`` is ``noise`` if given, else drawn in-kernel from ``seed``/``noise_offset`` (the
-    Philox stream of :func:`fastddpm.reference.philox_randn`). Returns x_t, or (x_t, eps) with
+    Philox stream of :func:`fastddpm.reference.philox_randn`); give one of ``noise`` and ``seed``,
+    not both. ``x0`` needs a batch of at least one. Returns x_t, or (x_t, eps) with
     ``return_noise=True``.
     """
     _check_floating("x0", x0)
     schedule = _check_schedule(schedule)
-    if x0.ndim == 0:
-        raise ValueError("x0 must have a batch dimension (shape [B, ...])")
+    _check_batch("x0", x0)
     t = _check_t(t, x0.shape[0], schedule.num_timesteps, x0.device)
     _check_noise(noise, x0, seed, noise_offset)
     _check_out("out", out, x0)
@@ -227,8 +235,7 @@ def _check_step_args(model_output, t, x_t, schedule, prediction_type, variance_t
     _check_floating("x_t", x_t)
     _check_floating("model_output", model_output)
     schedule = _check_schedule(schedule)
-    if x_t.ndim < 1:
-        raise ValueError("x_t must have a batch dimension (shape [B, ...])")
+    _check_batch("x_t", x_t)
     _check_same_device("model_output", model_output, x_t, "x_t")
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
@@ -312,7 +319,7 @@ def ddpm_step(
     ``model_output`` is the model's epsilon / x_0 / v prediction, with the variance channels
     appended along dim 1 for ``learned`` / ``learned_range``. Noise is ``noise`` if given (e.g.
     drawn from a torch.Generator), else the in-kernel Philox stream of ``seed`` at
-    ``noise_offset``; none is added where t == 0. ``out=x_t`` updates in place. With
+    ``noise_offset`` (one of the two, not both); none is added where t == 0. ``out=x_t`` updates in place. With
     ``return_pred_x0=False`` the kernel does not write x_0 (less memory traffic).
     """
     return _step("ddpm", model_output, t, x_t, schedule, prediction_type=prediction_type, variance_type=variance_type,

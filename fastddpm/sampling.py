@@ -98,7 +98,8 @@ def sample(
         generator: a ``torch.Generator`` to draw all noise from instead (diffusers-like). Not
             together with ``seed``. With neither, a seed is drawn from torch's global RNG, so
             ``torch.manual_seed`` makes the call reproducible.
-        noise: optional initial sample x_T of ``shape`` (copied, never modified).
+        noise: optional initial sample x_T of ``shape`` (copied, never modified). With ``seed``
+            as well, x_T is ``noise`` and the steps' noise still comes from ``seed``.
         device: where to sample; default the model's parameters' device (else ``noise``'s,
             else CPU).
         dtype: dtype of the sample; default the model's parameters' floating dtype, else

@@ -296,12 +296,15 @@ def train(
         device = resolve_device(device, argument="device")
     out = Path(out) if out is not None else None
     resume_path: Optional[Path] = None
+    resume_note = None
     if resume is not False and resume is not None:
         if resume is True:
             if out is None:
                 raise ValueError("resume=True needs out (the run folder holding checkpoint.safetensors)")
             candidate = out / CHECKPOINT_NAME
             resume_path = candidate if candidate.exists() else None
+            if resume_path is None:
+                resume_note = f"note: no {CHECKPOINT_NAME} in {str(out)!r} to resume from; starting at step 0"
         else:
             resume_path = Path(resume)
             if not resume_path.exists():
@@ -312,10 +315,14 @@ def train(
     # ---- data and model
     architecture = PRESETS[preset]["architecture"]
     options = dict(data_options or {})
+    is_array = not isinstance(data, Dataset) and Path(os.fspath(data)).suffix.lower() in (".npy", ".npz")
     if isinstance(data, Dataset):
         dataset = data
     else:
-        if architecture == "unet" and "image_size" not in options and data != "digits":
+        # Folders of images are resized to the model's size; an array keeps its own size unless
+        # told otherwise, and a mismatch with the preset is refused below rather than resized.
+        sized = "image_size" in options or "image_size" in overrides
+        if architecture == "unet" and "image_size" not in options and data != "digits" and (sized or not is_array):
             options["image_size"] = overrides.get("image_size", PRESETS[preset]["image_size"])
         if architecture == "unet" and "channels" not in options and data != "digits":
             options["channels"] = overrides.get("in_channels", PRESETS[preset]["in_channels"])
@@ -329,6 +336,8 @@ def train(
         channels, height, width = dataset.sample_shape
         if height != width:
             raise ValueError(f"images must be square, got {height}x{width}")
+        if is_array:
+            _check_array_fits_preset(preset, dataset, options, overrides)
         overrides.setdefault("in_channels", channels)
         overrides.setdefault("image_size", height)
     else:
@@ -350,8 +359,8 @@ def train(
                 prediction_type=prediction_type, variance_type=variance_type, loss_type=loss_type,
                 vlb_weight=vlb_weight, out=out, ckpt_every=ckpt_every, sample_every=sample_every,
                 sample_steps=sample_steps, num_samples=num_samples, log_every=log_every, resume_path=resume_path,
-                device=device, precision=precision, amp_dtype=amp_dtype, progress=progress, callback=callback,
-                rank=rank, world_size=world_size)
+                resume_note=resume_note, device=device, precision=precision, amp_dtype=amp_dtype, progress=progress,
+                callback=callback, rank=rank, world_size=world_size)
     finally:
         if created_group:
             import torch.distributed as dist
@@ -361,8 +370,8 @@ def train(
 
 def _train_loop(*, preset, dataset, overrides, noise_schedule, schedule_name, steps, batch_size, lr, warmup_steps,
                 weight_decay, grad_clip, ema_decay, seed, prediction_type, variance_type, loss_type, vlb_weight,
-                out, ckpt_every, sample_every, sample_steps, num_samples, log_every, resume_path, device, precision,
-                amp_dtype, progress, callback, rank, world_size) -> TrainResult:
+                out, ckpt_every, sample_every, sample_steps, num_samples, log_every, resume_path, resume_note, device,
+                precision, amp_dtype, progress, callback, rank, world_size) -> TrainResult:
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     from tqdm.auto import tqdm
 
@@ -399,6 +408,10 @@ def _train_loop(*, preset, dataset, overrides, noise_schedule, schedule_name, st
             scaler.load_state_dict(checkpoint.extra["grad_scaler"])
         if checkpoint.rng_state is not None:
             restore_rng_state(checkpoint.rng_state)
+        if rank == 0:
+            print(f"resuming from {str(resume_path)!r} at step {start_step}", file=sys.stderr)
+    elif resume_note is not None and rank == 0:
+        print(resume_note, file=sys.stderr)
 
     model: nn.Module = raw_model
     if world_size > 1:
@@ -582,6 +595,25 @@ def _train_loop(*, preset, dataset, overrides, noise_schedule, schedule_name, st
     ema_model.eval()
     return TrainResult(model=raw_model, ema_model=ema_model, step=max(steps, start_step), config=config,
                        schedule=noise_schedule, losses=losses, out=out, wall_seconds=time.perf_counter() - started)
+
+
+def _check_array_fits_preset(preset: str, dataset: Dataset, options: Dict[str, Any],
+                             overrides: Dict[str, Any]) -> None:
+    """Images from an array train the preset's model only at the preset's size and channels,
+    unless the caller chose a size or a channel count: never a silent resize or a silent
+    change of the model."""
+    channels, size = dataset.sample_shape[0], dataset.sample_shape[-1]
+    want_size = PRESETS[preset]["image_size"]
+    if size != want_size and "image_size" not in options and "image_size" not in overrides:
+        raise ValueError(f"data {dataset.name!r} holds {size}x{size} images but preset {preset!r} is for "
+                         f"{want_size}x{want_size}; resize them with image_size={want_size} (--image-size "
+                         f"{want_size}) or build the model for them with model_overrides image_size={size} "
+                         f"(--model-arg image_size={size})")
+    want_channels = PRESETS[preset]["in_channels"]
+    if channels != want_channels and "in_channels" not in overrides:
+        raise ValueError(f"data {dataset.name!r} holds {channels}-channel images but preset {preset!r} takes "
+                         f"{want_channels}; for a {channels}-channel model pass model_overrides in_channels={channels} "
+                         f"(--model-arg in_channels={channels})")
 
 
 def _check_resumable(saved: Dict[str, Any], current: Dict[str, Any], path: Path) -> None:

@@ -387,3 +387,46 @@ def test_library_device_arguments_are_checked():
     if not HAS_CUDA:
         with pytest.raises(ValueError, match="^device 'cuda': CUDA is not available"):
             fastddpm.load_pretrained(device="cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. silent surprises
+# ---------------------------------------------------------------------------------------------
+def test_resume_says_where_it_starts(tmp_path, capsys):
+    args = ["train", "--steps", "1", "--batch-size", "4", "--out", str(tmp_path), "--resume", "--no-progress",
+            "--sample-every", "0", *TINY_ARGS]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert f"note: no checkpoint.safetensors in {str(tmp_path)!r} to resume from; starting at step 0" in err
+    args[2] = "2"
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert f"resuming from {str(tmp_path / 'checkpoint.safetensors')!r} at step 1" in err and "note:" not in err
+    assert load_checkpoint(tmp_path / "checkpoint.safetensors").step == 2
+
+
+@pytest.mark.parametrize("array,message", [
+    (np.zeros((4, 1, 32, 32), np.float32), r"32x32 images but preset 'digits' is for 8x8.*--image-size 8"),
+    (np.zeros((4, 2, 8, 8), np.float32), r"2-channel images but preset 'digits' takes 1.*in_channels=2"),
+    (np.arange(10, dtype=np.float32), r"must have shape \[N, D\].*got \(10,\)"),
+])
+def test_arrays_that_do_not_fit_the_preset_are_refused(array, message, tmp_path):
+    np.save(tmp_path / "a.npy", array)
+    with pytest.raises(ValueError, match=message):
+        train("digits", tmp_path / "a.npy", steps=1, **QUIET)
+
+
+def test_noise_and_seed_together_and_an_empty_batch_are_refused():
+    schedule = NoiseSchedule.linear(10)
+    x = torch.zeros(2, 1, 4)
+    with pytest.raises(ValueError, match="noise or seed, not both"):
+        ops.q_sample(x, 3, schedule, noise=torch.ones_like(x), seed=5)
+    with pytest.raises(ValueError, match="noise or seed, not both"):
+        ops.ddpm_step(x, 3, x, schedule, noise=torch.ones_like(x), seed=5)
+    empty = torch.zeros(0, 1, 4)
+    with pytest.raises(ValueError, match=r"^x0 must have shape \[B, \.\.\.\] with a batch of B >= 1"):
+        ops.q_sample(empty, torch.zeros(0, dtype=torch.int64), schedule, seed=0)
+    with pytest.raises(ValueError, match=r"^x_t must have shape \[B, \.\.\.\] with a batch of B >= 1"):
+        ops.ddpm_step(empty, torch.zeros(0, dtype=torch.int64), empty, schedule, seed=0)
+    with pytest.raises(ValueError, match="positive ints"):
+        fastddpm.sample(_Conv(), (0, 1, 4, 4), progress=False)
