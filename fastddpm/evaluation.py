@@ -335,7 +335,7 @@ def configure_parser(parser) -> None:
     parser.add_argument("--classifier-cache", default=None,
                         help="folder caching the digit classifier (default $FASTDDPM_CACHE or ~/.cache/fastddpm)")
     parser.add_argument("--json", dest="json_path", default=None, help="write every number to this JSON file")
-    parser.add_argument("--progress", action="store_true", help="show progress bars")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
 
 
 def _data_name(config: Dict[str, Any]) -> Optional[str]:

@@ -642,40 +642,60 @@ def _parse_model_arg(text: str) -> Tuple[str, Any]:
         return key.strip(), value
 
 
+def _preset_defaults(key: str) -> str:
+    """``"default: digits 4000, ddpm_cifar10 800000, toy2d 5000"``, from :data:`TRAINING_DEFAULTS`."""
+    values = ", ".join(f"{name} {'(none: required)' if settings[key] is None else settings[key]}"
+                       for name, settings in TRAINING_DEFAULTS.items())
+    return f"default by --preset: {values}"
+
+
 def configure_parser(parser) -> None:
     parser.add_argument("--preset", default="digits", choices=tuple(PRESETS), help="model preset (default digits)")
     parser.add_argument("--data", default=None,
                         help="digits, moons, swiss_roll, 8gaussians, a folder of images or a .npy/.npz file "
-                             "(default: the preset's)")
+                             f"({_preset_defaults('data')})")
     parser.add_argument("--out", default=None, help="run folder for checkpoints, log and sample grids "
                                                     "(default runs/<preset>)")
-    parser.add_argument("--steps", type=int, default=None, help="total optimisation steps")
-    parser.add_argument("--batch-size", type=int, default=None, help="global batch size (split over processes)")
-    parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate after warm-up")
-    parser.add_argument("--warmup-steps", type=int, default=None, help="linear learning-rate warm-up steps")
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (0 disables)")
-    parser.add_argument("--ema-decay", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--schedule", default="linear", choices=BETA_SCHEDULES)
-    parser.add_argument("--num-timesteps", type=int, default=1000)
-    parser.add_argument("--prediction-type", default="epsilon", choices=PREDICTION_TYPES)
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"total optimisation steps ({_preset_defaults('steps')})")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"global batch size, split over processes ({_preset_defaults('batch_size')})")
+    parser.add_argument("--lr", type=float, default=None,
+                        help=f"AdamW learning rate after warm-up ({_preset_defaults('lr')})")
+    parser.add_argument("--warmup-steps", type=int, default=None,
+                        help=f"linear learning-rate warm-up steps ({_preset_defaults('warmup_steps')})")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    parser.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip, 0 disables (default 1)")
+    parser.add_argument("--ema-decay", type=float, default=None,
+                        help=f"decay of the EMA of the weights ({_preset_defaults('ema_decay')})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of everything random in the run (default 0)")
+    parser.add_argument("--schedule", default="linear", choices=BETA_SCHEDULES, help="beta schedule (default linear)")
+    parser.add_argument("--num-timesteps", type=int, default=1000, help="T, diffusion steps (default 1000)")
+    parser.add_argument("--prediction-type", default="epsilon", choices=PREDICTION_TYPES,
+                        help="what the model predicts (default epsilon)")
     parser.add_argument("--variance-type", default=None, choices=VARIANCE_TYPES,
                         help="fixed_small (default) or learned_range (hybrid loss, 2C outputs)")
-    parser.add_argument("--loss", dest="loss_type", default=None, choices=LOSS_TYPES)
-    parser.add_argument("--vlb-weight", type=float, default=0.001, help="lambda of the hybrid loss")
+    parser.add_argument("--loss", dest="loss_type", default=None, choices=LOSS_TYPES,
+                        help="default simple, or hybrid with a learned variance")
+    parser.add_argument("--vlb-weight", type=float, default=0.001, help="lambda of the hybrid loss (default 0.001)")
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="override a model preset argument, e.g. --model-arg ch=64 --model-arg dropout=0.1")
-    parser.add_argument("--image-size", type=int, default=None, help="image side for folder / array data")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="image side to resize folder / array data to (default: a folder is resized to the "
+                             "preset's size; an array keeps its own, which must then match the preset's)")
     parser.add_argument("--channels", type=int, default=None, choices=(1, 3), help="channels for folder data")
     parser.add_argument("--flip", dest="random_flip", action="store_true", default=None, help="random horizontal flips")
     parser.add_argument("--no-flip", dest="random_flip", action="store_false")
-    parser.add_argument("--ckpt-every", type=int, default=None, help="checkpoint every N steps (0: only at the end)")
-    parser.add_argument("--sample-every", type=int, default=None, help="sample grid every N steps (0: never)")
-    parser.add_argument("--sample-steps", type=int, default=100, help="DDPM steps for the sample grids")
-    parser.add_argument("--log-every", type=int, default=None)
+    parser.add_argument("--ckpt-every", type=int, default=None,
+                        help=f"checkpoint every N steps, 0: only at the end ({_preset_defaults('ckpt_every')})")
+    parser.add_argument("--sample-every", type=int, default=None,
+                        help=f"sample grid every N steps, 0: never ({_preset_defaults('sample_every')})")
+    parser.add_argument("--sample-steps", type=int, default=100, help="DDPM steps for the sample grids (default 100)")
+    parser.add_argument("--log-every", type=int, default=None,
+                        help=f"log the mean loss every N steps ({_preset_defaults('log_every')})")
     parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                        help="continue from OUT/checkpoint.safetensors (or the given file)")
+                        help="continue from OUT/checkpoint.safetensors (or the given file); prints the step it "
+                             "resumes from, or that there is no checkpoint and training starts at step 0")
     parser.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="auto: bf16 autocast on CUDA, fp32 on CPU")

@@ -430,3 +430,44 @@ def test_noise_and_seed_together_and_an_empty_batch_are_refused():
         ops.ddpm_step(empty, torch.zeros(0, dtype=torch.int64), empty, schedule, seed=0)
     with pytest.raises(ValueError, match="positive ints"):
         fastddpm.sample(_Conv(), (0, 1, 4, 4), progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. small things
+# ---------------------------------------------------------------------------------------------
+def test_one_progress_flag_everywhere_and_eval_shows_progress_by_default():
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name in ("sample", "train", "eval"):
+        options = {option for action in commands[name]._actions for option in action.option_strings}
+        assert "--no-progress" in options and "--progress" not in options, name
+    assert commands["eval"].parse_args([]).progress is True
+    assert set(COMMANDS) == {"sample", "train", "eval", "demo"}
+
+
+def test_train_help_shows_the_preset_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for key in ("steps", "batch_size", "lr", "warmup_steps", "ema_decay", "ckpt_every", "sample_every"):
+        for preset, defaults in TRAINING_DEFAULTS.items():
+            assert f"{preset} {defaults[key]}" in text, (key, preset)
+
+
+def test_readme_scheduler_swap_snippet_runs_as_written():
+    pytest.importorskip("diffusers")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Swapping the scheduler", 1)[1]
+    snippet = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    namespace = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    x = namespace["x"]
+    assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all() and x.std() > 0
+
+
+def test_unet_gradients_keep_the_weights_layout():
+    """DDP warns "grad strides do not match bucket view strides" when they differ."""
+    model = fastddpm.create_model("digits")
+    model(torch.randn(32, 1, 8, 8), torch.arange(32)).square().mean().backward()
+    mismatched = [name for name, p in model.named_parameters() if p.grad is not None and p.grad.stride() != p.stride()]
+    assert mismatched == []
