@@ -306,6 +306,21 @@ def test_nan_from_the_model_names_the_step_and_stops_early(backend):
     assert model.calls == 50  # the check every 50 steps ended the run half way
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_nan_is_caught_inside_a_real_cuda_graph():
+    class Poisoned(torch.nn.Module):  # device ops only, so the call can be captured
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 1)
+
+        def forward(self, x, t):
+            return self.conv(x) * torch.where(t < 180, float("nan"), 1.0).to(x.dtype).reshape(-1, 1, 1, 1)
+
+    with pytest.raises(NonFiniteError, match=r"first at step 11 of 100 \(model timestep 179\)"):
+        fastddpm.sample(Poisoned().cuda(), (2, 3, 8, 8), schedule=NoiseSchedule.linear(200), num_steps=100, seed=0,
+                        progress=False, cuda_graph=True)
+
+
 def test_sample_command_refuses_nan_and_writes_nothing(monkeypatch, tmp_path, capsys):
     _fake_checkpoint(monkeypatch, model=_Conv(nan_below=5))
     assert main(["sample", "--out", str(tmp_path / "s.png"), "--no-progress"]) == 1
