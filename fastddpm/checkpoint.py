@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from importlib import resources
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .outputs import NonFiniteError, atomic_write
 from .schedule import NoiseSchedule
 
 __all__ = [
@@ -162,6 +162,14 @@ def _state_of(obj, name: str) -> Dict[str, torch.Tensor]:
     raise TypeError(f"{name} must be an nn.Module or a state dict, got {type(obj).__name__}")
 
 
+def _first_non_finite(state: Dict[str, torch.Tensor]) -> Optional[str]:
+    """The first key of ``state`` whose floating-point tensor holds a NaN or infinity, else None."""
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return key
+    return None
+
+
 def _json_default(value):
     if isinstance(value, (np.integer,)):
         return int(value)
@@ -172,36 +180,6 @@ def _json_default(value):
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return value.item()
     raise TypeError(f"cannot store {type(value).__name__} in a checkpoint's JSON metadata")
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(temporary_path)``, fsync, then rename over ``path``; clean up on failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(temporary)
-        os.chmod(temporary, 0o644)  # mkstemp creates 0600; checkpoints are ordinary files
-        descriptor = os.open(temporary, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable where the platform allows it
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-    except OSError:
-        pass
 
 
 def save_checkpoint(
@@ -238,7 +216,11 @@ def save_checkpoint(
     for prefix, obj in (("model", model), ("ema", ema)):
         if obj is None:
             continue
-        for key, value in _state_of(obj, prefix).items():
+        state = _state_of(obj, prefix)
+        bad = _first_non_finite(state)
+        if bad is not None:  # a checkpoint of NaN weights is worse than none: refuse to write it
+            raise NonFiniteError(f"not writing {str(path)!r}: {prefix} weight {bad!r} holds NaN or infinite values")
+        for key, value in state.items():
             value = value.detach()
             if dtype is not None and value.is_floating_point():
                 value = value.to(dtype)
@@ -258,7 +240,7 @@ def save_checkpoint(
     # safetensors wants contiguous CPU tensors that share no storage.
     tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in tensors.items()}
     path = Path(path)
-    _atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
+    atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
     return path
 
 
@@ -375,6 +357,9 @@ def load_state_into(module: nn.Module, state: Dict[str, torch.Tensor], path: Pat
                 lines.append(f"{label}: {shown}")
         raise CheckpointError(f"{what} weights in {str(path)!r} do not fit {type(module).__name__} "
                               f"(was it built with the checkpoint's config?); " + "; ".join(lines))
+    bad = _first_non_finite(state)
+    if bad is not None:
+        raise CheckpointError(f"{what} weights in {str(path)!r} are unusable: {bad!r} holds NaN or infinite values")
     with torch.no_grad():
         module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
 
@@ -390,8 +375,10 @@ def default_pretrained_path() -> Path:
 def load_pretrained(path: Optional[PathLike] = None, *, device: Union[str, torch.device] = "cpu") -> Pretrained:
     """A model in eval mode with EMA weights (model weights if the file has no EMA), ready for
     ``model(x, t)``. ``path=None`` loads the digits model shipped in ``fastddpm/assets/``."""
+    from .devices import resolve_device
     from .models import model_from_config
 
+    device = resolve_device(device, argument="device")
     with ExitStack() as stack:
         if path is None:
             path = stack.enter_context(resources.as_file(resources.files("fastddpm").joinpath("assets", DEFAULT_ASSET)))

@@ -31,6 +31,12 @@ def build_parser(load_commands: Sequence[str] = tuple(COMMANDS)) -> argparse.Arg
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one command. Its own input errors it reports itself; here, for every command alike:
+    SIGINT / SIGTERM (exit 130 / 143), an output that cannot be written and NaN / infinite
+    values (exit 1), each as one line on stderr."""
+    from fastddpm.interrupts import Interrupted, signals_raise
+    from fastddpm.outputs import NonFiniteError, OutputError
+
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else None
     parser = build_parser(load_commands=(command,) if command else ())
@@ -38,7 +44,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+    prefix = f"fastddpm {args.command}"
+    try:
+        with signals_raise():
+            return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+    except KeyboardInterrupt as stop:
+        stop = stop if isinstance(stop, Interrupted) else Interrupted()
+        print(f"{prefix}: interrupted by {stop.signal_name}" + (f"; {stop.detail}" if stop.detail else ""),
+              file=sys.stderr)
+        return stop.exit_code
+    except (OutputError, NonFiniteError) as error:
+        print(f"{prefix}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -216,6 +216,10 @@ def load_array(path: Union[str, os.PathLike], *, key: Optional[str] = None,
     if not path.exists():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
     array = _array_from_file(path, key)
+    # Shape first: a wrong shape makes every later message beside the point.
+    if array.ndim < 2 or array.ndim > 4 or array.shape[0] == 0:
+        raise ValueError(f"array in {str(path)!r} must have shape [N, D], [N, H, W], [N, C, H, W] or [N, H, W, C] "
+                         f"with N > 0, got {array.shape}")
     if array.dtype == np.uint8:
         pass
     elif np.issubdtype(array.dtype, np.floating):
@@ -224,18 +228,13 @@ def load_array(path: Union[str, os.PathLike], *, key: Optional[str] = None,
             raise ValueError(f"float data in {str(path)!r} must lie in [-1, 1] (give uint8 for 0..255 images)")
     else:
         raise ValueError(f"array in {str(path)!r} must be uint8 or floating point, got {array.dtype}")
-    if array.ndim < 2 or array.shape[0] == 0:
-        raise ValueError(f"array in {str(path)!r} must have shape [N, ...] with N > 0, got {array.shape}")
     tensor = torch.from_numpy(np.ascontiguousarray(array))
     if tensor.ndim == 2:
         return tensor.float()
     if tensor.ndim == 3:
         tensor = tensor.unsqueeze(1)
-    elif tensor.ndim == 4:
-        if tensor.shape[1] not in (1, 3, 4) and tensor.shape[3] in (1, 3, 4):
-            tensor = tensor.permute(0, 3, 1, 2)
-    else:
-        raise ValueError(f"array in {str(path)!r} must have 2, 3 or 4 dimensions, got shape {array.shape}")
+    elif tensor.shape[1] not in (1, 3, 4) and tensor.shape[3] in (1, 3, 4):  # 4-D: [N, H, W, C] -> [N, C, H, W]
+        tensor = tensor.permute(0, 3, 1, 2)
     if image_size is not None:
         _check_image_size(image_size)
         if tensor.shape[-2:] != (image_size, image_size):

@@ -18,12 +18,14 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 
 from . import reference
 from .losses import discretized_gaussian_log_likelihood, normal_kl, p_mean_variance, posterior_mean_variance
+from .outputs import require_finite
 from .samplers import SAMPLERS
 from .schedule import NoiseSchedule
 from .step import PREDICTION_TYPES, VARIANCE_TYPES, check_choice
@@ -143,6 +145,7 @@ def variational_bound(
         raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
     check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     check_choice("variance_type", variance_type, VARIANCE_TYPES)
+    schedule.check_prediction_type(prediction_type)
     _check_int("batch_size", batch_size, 1)
     _check_int("seed", seed, 0)
 
@@ -196,6 +199,7 @@ def variational_bound(
                            torch.zeros_like(x0), torch.zeros_like(x0)).flatten(1).sum(1)
     prior = prior_nats * nats_to_bpd
     per_image = terms.sum(1) + prior
+    require_finite(per_image, "the bound's terms (the model's outputs?)")
     mean_terms = terms.mean(0)
     return BoundResult(
         bits_per_dim=float(per_image.mean()),
@@ -243,6 +247,7 @@ def evaluate_digit_samples(
         raise ValueError(f"samples must be digit images [N, 1, S, S], got {got}")
     if samples.shape[0] < 2:
         raise ValueError(f"samples must hold at least 2 images, got {samples.shape[0]}")
+    require_finite(samples, "samples")
     _check_int("seed", seed, 0)
     image_size = samples.shape[-1]
     train_images, train_labels = load_digits("train", image_size=image_size)
@@ -329,7 +334,7 @@ def configure_parser(parser) -> None:
     parser.add_argument("--classifier-cache", default=None,
                         help="folder caching the digit classifier (default $FASTDDPM_CACHE or ~/.cache/fastddpm)")
     parser.add_argument("--json", dest="json_path", default=None, help="write every number to this JSON file")
-    parser.add_argument("--progress", action="store_true", help="show progress bars")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
 
 
 def _data_name(config: Dict[str, Any]) -> Optional[str]:
@@ -417,8 +422,12 @@ def _run(args) -> int:
     _check_args(args)
     import fastddpm
     from .checkpoint import load_pretrained
+    from .devices import resolve_device
+    from .outputs import check_writable
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device, argument="--device")
+    if args.json_path:  # before any work: the report must have somewhere to go
+        check_writable(args.json_path, "--json")
     pretrained = load_pretrained(args.checkpoint, device=device)
     data = args.data or _data_name(pretrained.config) or _DIGITS
     is_image = len(pretrained.sample_shape) == 3
@@ -440,6 +449,8 @@ def _run(args) -> int:
         command="fastddpm eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else None,
     )
 
+    if args.num_samples > 0 and data == _DIGITS:
+        _check_classifier_cache(args.classifier_cache, pretrained.sample_shape[-1])
     if args.num_samples > 0:
         started = time.perf_counter()
         samples = fastddpm.sample(
@@ -469,7 +480,26 @@ def _run(args) -> int:
 
     _print_report(report)
     if args.json_path:
-        with open(args.json_path, "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=1)
+        from .outputs import atomic_write, save_or_rescue
+
+        text = json.dumps(report, indent=1)
+
+        def write(path):
+            return atomic_write(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
+
+        save_or_rescue(write, args.json_path, argument="--json", what="the report")
         print(f"wrote {args.json_path}")
     return 0
+
+
+def _check_classifier_cache(cache_dir, image_size: int) -> None:
+    """Before sampling: the digit classifier is either cached already or its cache can be written."""
+    from .data import load_digits
+    from .metrics import digit_classifier_cache_path
+    from .outputs import check_writable
+
+    images, labels = load_digits("train", image_size=image_size)
+    path = digit_classifier_cache_path(cache_dir, images=images, labels=labels)
+    if not path.is_file():
+        default = " (default $FASTDDPM_CACHE or ~/.cache/fastddpm)" if cache_dir is None else ""
+        check_writable(path, f"--classifier-cache{default}")

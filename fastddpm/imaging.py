@@ -12,6 +12,8 @@ from typing import Optional, Tuple, Union
 
 import numpy as np
 
+from .outputs import atomic_write, require_finite
+
 __all__ = ["to_numpy", "images_to_uint8", "default_scale", "make_grid", "save_image_grid", "save_samples_npz"]
 
 # Grids upscale small images until a tile is at least this many pixels on its longer side.
@@ -96,21 +98,25 @@ def make_grid(
 def save_image_grid(images, path: Union[str, Path], **grid_options) -> Path:
     """Write :func:`make_grid` of ``images`` to ``path`` (format from the suffix, e.g. ``.png``).
 
-    Creates missing parent folders; returns the path written.
+    Refuses NaN / infinite values (:class:`fastddpm.outputs.NonFiniteError`) rather than drawing
+    them black. Creates missing parent folders and writes atomically; returns the path written.
     """
     from PIL import Image
 
     path = Path(path)
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format is None:
+        raise ValueError(f"path must end in an image suffix such as .png, got {str(path)!r}")
+    require_finite(to_numpy(images), "images")
     grid = make_grid(images, **grid_options)
     # uint8 [H, W] -> "L", [H, W, 3] -> "RGB", [H, W, 4] -> "RGBA"
     picture = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(path)
-    return path
+    return atomic_write(path, lambda temporary: picture.save(temporary, format=image_format))
 
 
 def save_samples_npz(path: Union[str, Path], samples, **metadata) -> Path:
-    """Write ``samples`` (float32 ``[N, C, H, W]``) and scalar/array ``metadata`` to an ``.npz``.
+    """Write ``samples`` (float32 ``[N, C, H, W]``) and scalar/array ``metadata`` to an ``.npz``,
+    atomically; refuses NaN / infinite samples (:class:`fastddpm.outputs.NonFiniteError`).
 
     Metadata values become numpy arrays (strings as unicode arrays, so the file loads without
     ``allow_pickle``); ``None`` values are left out.
@@ -119,6 +125,7 @@ def save_samples_npz(path: Union[str, Path], samples, **metadata) -> Path:
     if "samples" in metadata:
         raise ValueError("metadata must not use the key 'samples'")
     arrays = {"samples": to_numpy(samples)}
+    require_finite(arrays["samples"], "samples")
     for key, value in metadata.items():
         if value is None:
             continue
@@ -126,6 +133,9 @@ def save_samples_npz(path: Union[str, Path], samples, **metadata) -> Path:
         if array.dtype == object:
             raise TypeError(f"metadata {key!r} must be a number, string or array, got {type(value).__name__}")
         arrays[key] = array
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
-    return path
+
+    def write(temporary: str) -> None:
+        with open(temporary, "wb") as handle:  # a file object: np.savez would append .npz to a name
+            np.savez(handle, **arrays)
+
+    return atomic_write(path, write)

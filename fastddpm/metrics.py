@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
@@ -33,6 +34,7 @@ __all__ = [
     "DigitClassifier",
     "train_digit_classifier",
     "load_digit_classifier",
+    "digit_classifier_cache_path",
     "default_cache_dir",
     "classifier_statistics",
 ]
@@ -323,6 +325,31 @@ def _digest(*tensors: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def _training_digits(images, labels) -> Tuple[torch.Tensor, torch.Tensor]:
+    if (images is None) != (labels is None):
+        raise ValueError("images and labels must be given together")
+    if images is None:
+        from .data import load_digits
+
+        images, labels = load_digits("train")
+    return torch.as_tensor(images, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.int64)
+
+
+def digit_classifier_cache_path(
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
+    *,
+    config: ClassifierConfig = ClassifierConfig(),
+    images: Optional[torch.Tensor] = None,
+    labels: Optional[torch.Tensor] = None,
+) -> Path:
+    """The file :func:`load_digit_classifier` reads or writes for these arguments."""
+    if not isinstance(config, ClassifierConfig):
+        raise TypeError(f"config must be a ClassifierConfig, got {type(config).__name__}")
+    images, labels = _training_digits(images, labels)
+    key = config.key(_digest(images, labels))
+    return Path(cache_dir if cache_dir is not None else default_cache_dir()) / f"digit_classifier_{key}.pt"
+
+
 def load_digit_classifier(
     cache_dir: Optional[Union[str, os.PathLike]] = None,
     *,
@@ -335,22 +362,15 @@ def load_digit_classifier(
 
     Trains on ``images``/``labels`` when given, else on ``fastddpm.data.load_digits("train")``.
     The cache file name hashes the config and the training data, so a change to either trains a
-    fresh classifier. ``cache_dir=False`` disables caching.
+    fresh classifier. ``cache_dir=False`` disables caching. The cache is written atomically; if
+    writing it fails, a warning says so and the freshly trained classifier is returned anyway.
     """
     if not isinstance(config, ClassifierConfig):
         raise TypeError(f"config must be a ClassifierConfig, got {type(config).__name__}")
-    if (images is None) != (labels is None):
-        raise ValueError("images and labels must be given together")
-    if images is None:
-        from .data import load_digits
-
-        images, labels = load_digits("train")
-    images = torch.as_tensor(images, dtype=torch.float32)
-    labels = torch.as_tensor(labels, dtype=torch.int64)
-    key = config.key(_digest(images, labels))
+    images, labels = _training_digits(images, labels)
     path = None
     if cache_dir is not False:
-        path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / f"digit_classifier_{key}.pt"
+        path = digit_classifier_cache_path(cache_dir, config=config, images=images, labels=labels)
     if path is not None and path.is_file() and not retrain:
         model = DigitClassifier(images.shape[2], images.shape[1], config.width, config.feature_dim,
                                 max(int(labels.max()) + 1, 10))
@@ -358,11 +378,14 @@ def load_digit_classifier(
         return model.eval()
     model = train_digit_classifier(images, labels, config)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Write then rename: concurrent evaluations never read a half-written file.
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, path)
+        from .outputs import atomic_write, describe_os_error
+
+        state = model.state_dict()
+        try:  # atomically: concurrent evaluations never read a half-written file
+            atomic_write(path, lambda temporary: torch.save(state, temporary))
+        except OSError as error:  # a cache only saves time: keep the classifier, say so
+            warnings.warn(f"could not cache the digit classifier in {str(path)!r} ({describe_os_error(error)}); "
+                          "continuing without the cache", RuntimeWarning, stacklevel=2)
     return model
 
 

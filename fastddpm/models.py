@@ -88,7 +88,9 @@ class AttnBlock(nn.Module):
         # [B, 1 head, HW, C] each
         q, k, v = (qkv[:, i].transpose(1, 2).unsqueeze(1) for i in range(3))
         h = F.scaled_dot_product_attention(q, k, v)
-        h = h.squeeze(1).transpose(1, 2).reshape(batch, channels, height, width)
+        # contiguous(): the transposed view would reach proj_out in channels-last layout, whose
+        # weight gradient then has other strides than the weight (DDP warns on every rank).
+        h = h.squeeze(1).transpose(1, 2).contiguous().view(batch, channels, height, width)
         return x + self.proj_out(h)
 
 

@@ -165,12 +165,20 @@ def _check_t(t, batch: Optional[int], num_timesteps: int, device: torch.device) 
     return t.to(device=device, dtype=torch.int64).contiguous()
 
 
+def _check_batch(name: str, x: torch.Tensor) -> None:
+    """The one rule for a batch (``fastddpm.sample``'s too): shape [B, ...] with B >= 1."""
+    if x.ndim == 0 or x.shape[0] < 1:
+        raise ValueError(f"{name} must have shape [B, ...] with a batch of B >= 1, got shape {tuple(x.shape)}")
+
+
 def _check_noise(noise, x: torch.Tensor, seed, noise_offset, index_base=0, *, needed: bool = True):
     if noise is not None:
         _check_floating("noise", noise)
         if noise.shape != x.shape:
             raise ValueError(f"noise must have the shape of the sample {tuple(x.shape)}, got {tuple(noise.shape)}")
         _check_same_device("noise", noise, x, "the sample")
+        if seed is not None:
+            raise ValueError("give noise or seed, not both: seed keys the in-kernel noise that noise replaces")
         return
     if not needed:
         return
@@ -265,12 +273,12 @@ def q_sample(
     ``t`` is an int or an integer tensor of shape [] or [B] (indices into ``schedule``).
     ``eps`` is ``noise`` if given, else drawn in-kernel from ``seed``/``noise_offset`` (the
     Philox stream of :func:`fastddpm.reference.philox_randn`, batch position ``b`` drawing as
-    sample ``index_base + b``). Returns x_t, or (x_t, eps) with ``return_noise=True``.
+    sample ``index_base + b``); give one of ``noise`` and ``seed``, not both. ``x0`` needs a batch
+    of at least one. Returns x_t, or (x_t, eps) with ``return_noise=True``.
     """
     _check_floating("x0", x0)
     schedule = _check_schedule(schedule)
-    if x0.ndim == 0:
-        raise ValueError("x0 must have a batch dimension (shape [B, ...])")
+    _check_batch("x0", x0)
     t = _check_t(t, x0.shape[0], schedule.num_timesteps, x0.device)
     _check_noise(noise, x0, seed, noise_offset, index_base)
     _check_out("out", out, x0)
@@ -301,9 +309,9 @@ def _check_step_args(spec, model_output, t, x_t, schedule):
     _check_floating("x_t", x_t)
     _check_floating("model_output", model_output)
     schedule = _check_schedule(schedule)
-    if x_t.ndim < 1:
-        raise ValueError("x_t must have a batch dimension (shape [B, ...])")
+    _check_batch("x_t", x_t)
     _check_same_device("model_output", model_output, x_t, "x_t")
+    schedule.check_prediction_type(spec.prediction_type)
     expected = spec.model_output_shape(x_t.shape)
     if tuple(model_output.shape) != expected:
         why = (f" (variance_type={spec.variance_type!r}: twice the channels of x_t, dim 1)"
@@ -388,8 +396,8 @@ def ddpm_step(
     ``model_output`` is the model's epsilon / x_0 / v prediction, with the variance channels
     appended along dim 1 for ``learned`` / ``learned_range``. Noise is ``noise`` if given (e.g.
     drawn from a torch.Generator), else the in-kernel Philox stream of ``seed`` at
-    ``noise_offset`` (batch position ``b`` drawing as sample ``index_base + b``; see
-    :func:`fastddpm.reference.philox_randn`); none is added where t == 0. ``out=x_t`` updates in place. With
+    ``noise_offset`` (one of the two, not both; batch position ``b`` drawing as sample
+    ``index_base + b``, see :func:`fastddpm.reference.philox_randn`); none is added where t == 0. ``out=x_t`` updates in place. With
     ``return_pred_x0=False`` the kernel does not write x_0 (less memory traffic).
     """
     spec = StepSpec.build("ddpm", prediction_type=prediction_type, variance_type=variance_type,

@@ -5,6 +5,11 @@ noise offset all live in device tensors that the loop advances with in-place ops
 read back to the host between steps. That is also what lets a CUDA graph of "model call + step"
 be captured once and replayed for every step.
 
+NaN. Every step also notes on the device the first step whose model output or result is NaN /
+infinite; the host reads that note every ``_FINITE_CHECK_EVERY`` steps and at the end, and
+:func:`sample` raises :class:`fastddpm.outputs.NonFiniteError` naming the step instead of
+returning NaN.
+
 Noise. With ``seed`` (an int), x_T is :func:`fastddpm.reference.philox_randn` at noise offset 0
 and step ``k`` (0-based, counted from x_T) draws the Philox stream of the same seed at noise
 offset ``k + 1``, inside the fused kernel on CUDA and in the reference on the CPU: both paths
@@ -24,6 +29,8 @@ import torch
 
 from . import ops, reference
 from .samplers import SAMPLERS as _REGISTRY
+from .devices import resolve_device
+from .outputs import NonFiniteError
 from .schedule import NoiseSchedule, as_schedule
 from .step import StepSpec
 
@@ -35,6 +42,9 @@ _SEED_LIMIT = 2**63
 _INITIAL_NOISE_OFFSET = 0
 # Eager steps before a CUDA graph capture (as PyTorch's CUDA-graph notes advise, a few).
 _GRAPH_WARMUP_STEPS = 3
+# Every step records on the device whether the sample went NaN / infinite; the host reads that
+# record only every this many steps (one host sync each time) and once at the end.
+_FINITE_CHECK_EVERY = 50
 
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
@@ -90,7 +100,8 @@ def sample(
         generator: a ``torch.Generator`` to draw all noise from instead (diffusers-like). Not
             together with ``seed``. With neither, a seed is drawn from torch's global RNG, so
             ``torch.manual_seed`` makes the call reproducible.
-        noise: optional initial sample x_T of ``shape`` (copied, never modified).
+        noise: optional initial sample x_T of ``shape`` (copied, never modified). With ``seed``
+            as well, x_T is ``noise`` and the steps' noise still comes from ``seed``.
         first_index: global index of the batch's first sample in the seed's stream: sample
             ``first_index + b`` of the batch draws the noise of that index whatever the batch
             size (see :func:`fastddpm.reference.philox_randn`). Only with ``seed``.
@@ -119,8 +130,13 @@ def sample(
         ``intermediates`` holds the sample after each step (``num_steps`` tensors, the last
         equal to ``samples``).
 
-    On CUDA nothing in the loop synchronises with the host, except copying noise from a CPU
-    ``generator`` (use a CUDA generator to avoid it) and the float64 reference path.
+    Raises :class:`fastddpm.outputs.NonFiniteError` (naming the step where it started) if the
+    model's output or the samples become NaN or infinite; a check every 50 steps stops the run
+    early.
+
+    On CUDA nothing in the loop synchronises with the host, except the NaN check every 50 steps,
+    copying noise from a CPU ``generator`` (use a CUDA generator to avoid it) and the float64
+    reference path.
     """
     plan = _Plan.build(model, shape, schedule=schedule, num_steps=num_steps, sampler=sampler, eta=eta,
                        prediction_type=prediction_type, variance_type=variance_type, clip_denoised=clip_denoised,
@@ -166,21 +182,16 @@ def _first_parameter(model) -> Optional[torch.Tensor]:
 
 def _resolve_device(device, model, noise) -> torch.device:
     if device is not None:
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError) as error:
-            raise ValueError(f"device must name a torch device, got {device!r}") from error
+        device = resolve_device(device, argument="device")
     else:
         parameter = _first_parameter(model)
         if parameter is not None:
-            device = parameter.device
+            device = resolve_device(parameter.device, argument="the model's parameters' device")
         elif noise is not None:
-            device = noise.device
+            device = resolve_device(noise.device, argument="noise's device")
         else:
             device = torch.device("cpu")
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={str(device)!r} but CUDA is not available")
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
     return device
@@ -253,6 +264,7 @@ class _Plan:
         trained = as_schedule(schedule)
         sampler_entry = _REGISTRY[spec.sampler]
         schedule = sampler_entry.schedule(trained, _check_num_steps(num_steps, trained.num_timesteps))
+        schedule.check_prediction_type(spec.prediction_type)
         device = _resolve_device(device, model, noise)
         dtype = _resolve_dtype(dtype, model)
         chosen_backend = ops.resolve_backend(backend, device, dtype)
@@ -334,6 +346,8 @@ class _Run:
         self.noise_buffer = (torch.zeros(plan.shape, dtype=plan.dtype, device=device)
                              if plan.generator is not None and plan.spec.adds_noise else None)
         self.pred_x0 = torch.empty_like(self.x) if plan.callback is not None else None
+        # Schedule index of the first step that left a NaN / infinity; -1 while none has.
+        self.first_non_finite = torch.empty((), dtype=torch.int64, device=device)
         self.buffers = plan.sampler.buffers(self)
         plan.schedule.table(device, torch.float32)  # build the device table now, not during a capture
 
@@ -344,6 +358,7 @@ class _Run:
         self.index.fill_(plan.num_steps - 1)
         self.noise_offset.fill_(_INITIAL_NOISE_OFFSET + 1)
         self.index_base.fill_(plan.first_index)
+        self.first_non_finite.fill_(-1)
         for buffer in self.buffers.values():  # a sampler's state between steps starts at zero
             buffer.zero_()
         if self.seed is not None:
@@ -356,9 +371,29 @@ class _Run:
     def step(self) -> None:
         """Model call, the sampler's step and the counters: device work only, no host reads."""
         t = self.model_timesteps.index_select(0, self.index.view(1)).view(-1)
-        self.sampler.step(self, self.denoiser(self.x, t))
+        output = self.denoiser(self.x, t)
+        self.sampler.step(self, output)
+        self._track_non_finite(output)
         self.index.sub_(1)
         self.noise_offset.add_(1)
+
+    def _track_non_finite(self, output: torch.Tensor) -> None:
+        """Note on the device (no host read, so also inside a CUDA graph) the schedule index of the
+        first step whose model output or result holds a NaN or infinity. The output counts too:
+        clipping x_0 can turn a NaN prediction into finite garbage."""
+        finite = torch.isfinite(output).all() & torch.isfinite(self.x).all()
+        went_bad = finite.logical_not() & (self.first_non_finite < 0)
+        self.first_non_finite.copy_(torch.where(went_bad, self.index, self.first_non_finite))
+
+    def raise_if_non_finite(self) -> None:
+        """Read the device-side record (a host sync) and refuse non-finite samples."""
+        index = int(self.first_non_finite)
+        if index >= 0:
+            steps = self.schedule.num_timesteps
+            raise NonFiniteError(
+                f"samples contain NaN or infinite values (in the model's output or the sample), first at step "
+                f"{steps - index} of {steps} (model timestep {int(self.schedule.timesteps[index])}); check the "
+                "model's weights and the noise schedule")
 
 
 def _initial_sample(plan: _Plan) -> torch.Tensor:
@@ -398,6 +433,7 @@ def _run(plan: _Plan):
                 run.step()
                 _after_step(plan, run, step, intermediates)
                 bar.update(1)
+    run.raise_if_non_finite()
     x = run.x if graph is None and not plan.use_graph else run.x.clone()  # a cached run's x is reused
     return (x, intermediates) if plan.return_intermediates else x
 
@@ -412,6 +448,8 @@ def _before_step(plan: _Plan, run: _Run, step: int) -> None:
 
 
 def _after_step(plan: _Plan, run: _Run, step: int, intermediates: Optional[List[torch.Tensor]]) -> None:
+    if (step + 1) % _FINITE_CHECK_EVERY == 0:
+        run.raise_if_non_finite()
     if intermediates is not None:
         intermediates.append(run.x.clone())
     if plan.callback is not None:

@@ -183,8 +183,24 @@ class NoiseSchedule:
         if num_timesteps > 2:
             diff_coef[1:-1] = h[1:-1] / (2.0 * h[2:])  # 1 / (2 r_i), r_i = h_{i+1} / h_i
         self.dpmpp_diff_coef = diff_coef
+        # A beta of 1 makes alpha_bar 0 from its index on: there x_t is pure noise and x_0 cannot
+        # be recovered from a noise prediction (see check_prediction_type).
+        zero = (self.alphas_cumprod == 0).nonzero()
+        self.first_zero_alpha_bar: Optional[int] = int(zero[0, 0]) if zero.numel() else None
 
         self._device_cache: Dict[Tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def check_prediction_type(self, prediction_type: str) -> None:
+        """Raise ``ValueError`` if a reverse step of this schedule is undefined for a model that
+        predicts ``prediction_type``: where alpha_bar is 0 (a beta of 1), x_0 = (x_t - sqrt(1 -
+        alpha_bar) eps) / sqrt(alpha_bar) divides by zero. ``v_prediction`` and ``sample`` stay
+        defined there."""
+        index = self.first_zero_alpha_bar
+        if index is not None and prediction_type == "epsilon":
+            raise ValueError(
+                f"schedule: beta = 1 at index {index} (timestep {int(self.timesteps[index])}) makes alpha_bar 0, "
+                "where x_0 cannot be recovered from a noise prediction (prediction_type='epsilon'); expected "
+                "betas below 1, or prediction_type 'v_prediction' or 'sample'")
 
     # ------------------------------------------------------------------ constructors
     @classmethod

@@ -668,7 +668,7 @@ class DDPMScheduler(_ScheduleBackedScheduler):
         prev_sample, pred_original_sample = ops.ddpm_step(
             op_prediction, index, sample, self._chain, prediction_type=prediction_type,
             variance_type=self.variance_type, clip_denoised=clip, clip_range=config.clip_sample_range,
-            noise=noise, seed=seed, noise_offset=noise_offset,
+            noise=noise, seed=None if noise is not None else seed, noise_offset=noise_offset,
         )
         if final_step_noise:
             compute = torch.float64 if sample.dtype == torch.float64 else torch.float32

@@ -27,8 +27,11 @@ from torch import nn
 from . import ops
 from .checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from .data import Dataset, load_dataset
+from .devices import resolve_device
+from .interrupts import DeferredInterrupts, Interrupted
 from .losses import LOSS_TYPES, training_losses
 from .models import PRESETS, create_model
+from .outputs import NonFiniteError, check_writable, describe_os_error, save_or_rescue
 from .step import LEARNED_VARIANCE_TYPES, PREDICTION_TYPES, VARIANCE_TYPES, check_choice
 from .schedule import BETA_SCHEDULES, NoiseSchedule
 
@@ -284,28 +287,40 @@ def train(
         noise_schedule, schedule_name = NoiseSchedule.from_name(schedule, _positive_int("num_timesteps", num_timesteps)), schedule
     else:
         raise TypeError(f"schedule must be a schedule name or a NoiseSchedule, got {type(schedule).__name__}")
+    noise_schedule.check_prediction_type(prediction_type)
     if callback is not None and not callable(callback):
         raise TypeError("callback must be callable")
+    if device is not None:
+        device = resolve_device(device, argument="device")
     out = Path(out) if out is not None else None
     resume_path: Optional[Path] = None
+    resume_note = None
     if resume is not False and resume is not None:
         if resume is True:
             if out is None:
                 raise ValueError("resume=True needs out (the run folder holding checkpoint.safetensors)")
             candidate = out / CHECKPOINT_NAME
             resume_path = candidate if candidate.exists() else None
+            if resume_path is None:
+                resume_note = f"note: no {CHECKPOINT_NAME} in {str(out)!r} to resume from; starting at step 0"
         else:
             resume_path = Path(resume)
             if not resume_path.exists():
                 raise FileNotFoundError(f"resume checkpoint {str(resume_path)!r} does not exist")
+    if out is not None:  # before any work: the run folder must take files
+        check_writable(out, "out", folder=True)
 
     # ---- data and model
     architecture = PRESETS[preset]["architecture"]
     options = dict(data_options or {})
+    is_array = not isinstance(data, Dataset) and Path(os.fspath(data)).suffix.lower() in (".npy", ".npz")
     if isinstance(data, Dataset):
         dataset = data
     else:
-        if architecture == "unet" and "image_size" not in options and data != "digits":
+        # Folders of images are resized to the model's size; an array keeps its own size unless
+        # told otherwise, and a mismatch with the preset is refused below rather than resized.
+        sized = "image_size" in options or "image_size" in overrides
+        if architecture == "unet" and "image_size" not in options and data != "digits" and (sized or not is_array):
             options["image_size"] = overrides.get("image_size", PRESETS[preset]["image_size"])
         if architecture == "unet" and "channels" not in options and data != "digits":
             options["channels"] = overrides.get("in_channels", PRESETS[preset]["in_channels"])
@@ -319,6 +334,8 @@ def train(
         channels, height, width = dataset.sample_shape
         if height != width:
             raise ValueError(f"images must be square, got {height}x{width}")
+        if is_array:
+            _check_array_fits_preset(preset, dataset, options, overrides)
         overrides.setdefault("in_channels", channels)
         overrides.setdefault("image_size", height)
     else:
@@ -340,8 +357,8 @@ def train(
                 prediction_type=prediction_type, variance_type=variance_type, loss_type=loss_type,
                 vlb_weight=vlb_weight, out=out, ckpt_every=ckpt_every, sample_every=sample_every,
                 sample_steps=sample_steps, num_samples=num_samples, log_every=log_every, resume_path=resume_path,
-                device=device, precision=precision, amp_dtype=amp_dtype, progress=progress, callback=callback,
-                rank=rank, world_size=world_size)
+                resume_note=resume_note, device=device, precision=precision, amp_dtype=amp_dtype, progress=progress,
+                callback=callback, rank=rank, world_size=world_size)
     finally:
         if created_group:
             import torch.distributed as dist
@@ -351,8 +368,8 @@ def train(
 
 def _train_loop(*, preset, dataset, overrides, noise_schedule, schedule_name, steps, batch_size, lr, warmup_steps,
                 weight_decay, grad_clip, ema_decay, seed, prediction_type, variance_type, loss_type, vlb_weight,
-                out, ckpt_every, sample_every, sample_steps, num_samples, log_every, resume_path, device, precision,
-                amp_dtype, progress, callback, rank, world_size) -> TrainResult:
+                out, ckpt_every, sample_every, sample_steps, num_samples, log_every, resume_path, resume_note, device,
+                precision, amp_dtype, progress, callback, rank, world_size) -> TrainResult:
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     from tqdm.auto import tqdm
 
@@ -389,6 +406,10 @@ def _train_loop(*, preset, dataset, overrides, noise_schedule, schedule_name, st
             scaler.load_state_dict(checkpoint.extra["grad_scaler"])
         if checkpoint.rng_state is not None:
             restore_rng_state(checkpoint.rng_state)
+        if rank == 0:
+            print(f"resuming from {str(resume_path)!r} at step {start_step}", file=sys.stderr)
+    elif resume_note is not None and rank == 0:
+        print(resume_note, file=sys.stderr)
 
     model: nn.Module = raw_model
     if world_size > 1:
@@ -402,17 +423,58 @@ def _train_loop(*, preset, dataset, overrides, noise_schedule, schedule_name, st
         out.mkdir(parents=True, exist_ok=True)
         log_file = open(out / "log.jsonl", "a", encoding="utf-8")
 
-    def write_checkpoint(step: int) -> None:
+    # Under torchrun: a CPU (gloo) group for the small control messages (stop requests, whether
+    # rank 0 wrote its checkpoint), so that they need no device sync whatever the main backend.
+    control_group = None
+    if world_size > 1 and torch.distributed.get_backend() != "gloo":
+        control_group = torch.distributed.new_group(backend="gloo")
+
+    def write_checkpoint(step: int) -> Optional[Path]:
+        """The full state at ``step`` into out/checkpoint.safetensors (rank 0 writes, the others
+        wait). If the write fails, a copy goes elsewhere and every rank raises the error naming it."""
         if out is None:
-            return
+            return None
+        failure: Optional[BaseException] = None
         if is_main:
             extra = {"ema_n_averaged": int(ema.n_averaged.item())}
             if scaler is not None:
                 extra["grad_scaler"] = scaler.state_dict()
-            save_checkpoint(out / CHECKPOINT_NAME, config=config, schedule=noise_schedule, model=raw_model,
-                            ema=ema.module, optimizer=optimizer, step=step, rng_state=capture_rng_state(), extra=extra)
-        if world_size > 1:
-            torch.distributed.barrier()
+            try:
+                save_or_rescue(lambda path: save_checkpoint(
+                    path, config=config, schedule=noise_schedule, model=raw_model, ema=ema.module,
+                    optimizer=optimizer, step=step, rng_state=capture_rng_state(), extra=extra),
+                    out / CHECKPOINT_NAME, argument="out", what=f"the checkpoint of step {step}")
+            except (OSError, NonFiniteError) as error:
+                failure = error
+        if world_size > 1:  # also the barrier: every rank waits for rank 0's write
+            status = [failure]
+            torch.distributed.broadcast_object_list(status, src=0, group=control_group)
+            failure = status[0]
+        if failure is not None:
+            raise failure
+        return out / CHECKPOINT_NAME
+
+    interrupts = DeferredInterrupts()
+
+    def stop_signal() -> Optional[int]:
+        """The signal that asked this run to stop (agreed by all ranks), else None."""
+        if world_size == 1:
+            return interrupts.signum
+        flag = torch.tensor([interrupts.signum or 0], dtype=torch.int64)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=control_group)
+        return int(flag) or None
+
+    def stopped(signum: int, done: int) -> Interrupted:
+        """Save what the finished steps earned and say where, for the one line the CLI prints."""
+        if out is None:
+            return Interrupted(signum, f"stopped after step {done}; nothing saved (no out folder)")
+        if done == start_step:
+            kept = f"; {str(resume_path)!r} is unchanged" if resume_path is not None else ""
+            return Interrupted(signum, f"stopped before step {done + 1} finished; nothing new to save{kept}")
+        path = write_checkpoint(done)
+        if not is_main:
+            return Interrupted(signum, f"rank {rank} stopped at step {done} with rank 0, which saved the checkpoint")
+        return Interrupted(signum, f"saved the checkpoint of step {done} to {path}; continue with --resume")
 
     order = _DataOrder(len(dataset), seed)
     local = batch_size // world_size
@@ -432,6 +494,7 @@ def _train_loop(*, preset, dataset, overrides, noise_schedule, schedule_name, st
 
     step = start_step
     try:
+        interrupts.__enter__()  # from here, SIGINT / SIGTERM wait for the end of a step
         for step in range(start_step, steps):
             # Everything random about this step derives from (seed, step): see the module docstring.
             batch_generator.manual_seed(derive_seed(seed, _STREAM_BATCH, step))
@@ -478,6 +541,13 @@ def _train_loop(*, preset, dataset, overrides, noise_schedule, schedule_name, st
                     reduced = torch.tensor([mean_loss], device=device)
                     torch.distributed.all_reduce(reduced)
                     mean_loss = reduced.item() / world_size
+                if not math.isfinite(mean_loss) and scaler is None:
+                    # Without a grad scaler to skip it, a NaN loss has made the weights NaN too.
+                    kept = f"; the last checkpoint in {str(out)!r} is kept" if out is not None else ""
+                    first = done - running_count + 1
+                    when = f"at step {done}" if first == done else f"between steps {first} and {done}"
+                    raise NonFiniteError(f"the training loss became NaN or infinite {when}; stopped without "
+                                         f"saving{kept}")
                 losses.append((done, mean_loss))
                 running_loss.zero_()
                 running_count = 0
@@ -491,17 +561,31 @@ def _train_loop(*, preset, dataset, overrides, noise_schedule, schedule_name, st
             if ckpt_every and done % ckpt_every == 0 and done != steps:
                 write_checkpoint(done)
             if out is not None and is_main and sample_every and dataset.is_image and done % sample_every == 0:
-                _save_sample_grid(ema.module, noise_schedule, config, out / "samples" / f"step_{done:07d}.png",
-                                  seed, num_samples, sample_steps, device)
+                grid = out / "samples" / f"step_{done:07d}.png"
+                try:
+                    _save_sample_grid(ema.module, noise_schedule, config, grid, seed, num_samples, sample_steps,
+                                      device)
+                except OSError as error:  # a preview: losing it must not cost the run
+                    tqdm.write(f"note: could not write the sample grid {str(grid)!r} ({describe_os_error(error)})",
+                               file=sys.stderr)
             if callback is not None:
                 callback(done, loss.detach())
+            signum = stop_signal()
+            if signum is not None:
+                raise stopped(signum, done)
         final_step = max(steps, start_step)
         if out is not None:
             if start_step < steps or not (out / CHECKPOINT_NAME).exists():
                 write_checkpoint(final_step)
             if is_main:
-                save_checkpoint(out / EMA_NAME, config=config, schedule=noise_schedule, ema=ema.module, step=final_step)
+                save_or_rescue(lambda path: save_checkpoint(path, config=config, schedule=noise_schedule,
+                                                            ema=ema.module, step=final_step),
+                               out / EMA_NAME, argument="out", what=f"the EMA weights of step {final_step}")
+        if interrupts.signum is not None:  # the signal came during the final saves, which finished
+            raise Interrupted(interrupts.signum, f"the run had finished; its checkpoint of step {final_step} is in "
+                                                 f"{out}" if out is not None else "the run had finished")
     finally:
+        interrupts.__exit__(None, None, None)
         bar.close()
         if log_file is not None:
             log_file.close()
@@ -509,6 +593,25 @@ def _train_loop(*, preset, dataset, overrides, noise_schedule, schedule_name, st
     ema_model.eval()
     return TrainResult(model=raw_model, ema_model=ema_model, step=max(steps, start_step), config=config,
                        schedule=noise_schedule, losses=losses, out=out, wall_seconds=time.perf_counter() - started)
+
+
+def _check_array_fits_preset(preset: str, dataset: Dataset, options: Dict[str, Any],
+                             overrides: Dict[str, Any]) -> None:
+    """Images from an array train the preset's model only at the preset's size and channels,
+    unless the caller chose a size or a channel count: never a silent resize or a silent
+    change of the model."""
+    channels, size = dataset.sample_shape[0], dataset.sample_shape[-1]
+    want_size = PRESETS[preset]["image_size"]
+    if size != want_size and "image_size" not in options and "image_size" not in overrides:
+        raise ValueError(f"data {dataset.name!r} holds {size}x{size} images but preset {preset!r} is for "
+                         f"{want_size}x{want_size}; resize them with image_size={want_size} (--image-size "
+                         f"{want_size}) or build the model for them with model_overrides image_size={size} "
+                         f"(--model-arg image_size={size})")
+    want_channels = PRESETS[preset]["in_channels"]
+    if channels != want_channels and "in_channels" not in overrides:
+        raise ValueError(f"data {dataset.name!r} holds {channels}-channel images but preset {preset!r} takes "
+                         f"{want_channels}; for a {channels}-channel model pass model_overrides in_channels={channels} "
+                         f"(--model-arg in_channels={channels})")
 
 
 def _check_resumable(saved: Dict[str, Any], current: Dict[str, Any], path: Path) -> None:
@@ -537,40 +640,60 @@ def _parse_model_arg(text: str) -> Tuple[str, Any]:
         return key.strip(), value
 
 
+def _preset_defaults(key: str) -> str:
+    """``"default: digits 4000, ddpm_cifar10 800000, toy2d 5000"``, from :data:`TRAINING_DEFAULTS`."""
+    values = ", ".join(f"{name} {'(none: required)' if settings[key] is None else settings[key]}"
+                       for name, settings in TRAINING_DEFAULTS.items())
+    return f"default by --preset: {values}"
+
+
 def configure_parser(parser) -> None:
     parser.add_argument("--preset", default="digits", choices=tuple(PRESETS), help="model preset (default digits)")
     parser.add_argument("--data", default=None,
                         help="digits, moons, swiss_roll, 8gaussians, a folder of images or a .npy/.npz file "
-                             "(default: the preset's)")
+                             f"({_preset_defaults('data')})")
     parser.add_argument("--out", default=None, help="run folder for checkpoints, log and sample grids "
                                                     "(default runs/<preset>)")
-    parser.add_argument("--steps", type=int, default=None, help="total optimisation steps")
-    parser.add_argument("--batch-size", type=int, default=None, help="global batch size (split over processes)")
-    parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate after warm-up")
-    parser.add_argument("--warmup-steps", type=int, default=None, help="linear learning-rate warm-up steps")
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (0 disables)")
-    parser.add_argument("--ema-decay", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--schedule", default="linear", choices=BETA_SCHEDULES)
-    parser.add_argument("--num-timesteps", type=int, default=1000)
-    parser.add_argument("--prediction-type", default="epsilon", choices=PREDICTION_TYPES)
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"total optimisation steps ({_preset_defaults('steps')})")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"global batch size, split over processes ({_preset_defaults('batch_size')})")
+    parser.add_argument("--lr", type=float, default=None,
+                        help=f"AdamW learning rate after warm-up ({_preset_defaults('lr')})")
+    parser.add_argument("--warmup-steps", type=int, default=None,
+                        help=f"linear learning-rate warm-up steps ({_preset_defaults('warmup_steps')})")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    parser.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip, 0 disables (default 1)")
+    parser.add_argument("--ema-decay", type=float, default=None,
+                        help=f"decay of the EMA of the weights ({_preset_defaults('ema_decay')})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of everything random in the run (default 0)")
+    parser.add_argument("--schedule", default="linear", choices=BETA_SCHEDULES, help="beta schedule (default linear)")
+    parser.add_argument("--num-timesteps", type=int, default=1000, help="T, diffusion steps (default 1000)")
+    parser.add_argument("--prediction-type", default="epsilon", choices=PREDICTION_TYPES,
+                        help="what the model predicts (default epsilon)")
     parser.add_argument("--variance-type", default=None, choices=VARIANCE_TYPES,
                         help="fixed_small (default) or learned_range (hybrid loss, 2C outputs)")
-    parser.add_argument("--loss", dest="loss_type", default=None, choices=LOSS_TYPES)
-    parser.add_argument("--vlb-weight", type=float, default=0.001, help="lambda of the hybrid loss")
+    parser.add_argument("--loss", dest="loss_type", default=None, choices=LOSS_TYPES,
+                        help="default simple, or hybrid with a learned variance")
+    parser.add_argument("--vlb-weight", type=float, default=0.001, help="lambda of the hybrid loss (default 0.001)")
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="override a model preset argument, e.g. --model-arg ch=64 --model-arg dropout=0.1")
-    parser.add_argument("--image-size", type=int, default=None, help="image side for folder / array data")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="image side to resize folder / array data to (default: a folder is resized to the "
+                             "preset's size; an array keeps its own, which must then match the preset's)")
     parser.add_argument("--channels", type=int, default=None, choices=(1, 3), help="channels for folder data")
     parser.add_argument("--flip", dest="random_flip", action="store_true", default=None, help="random horizontal flips")
     parser.add_argument("--no-flip", dest="random_flip", action="store_false")
-    parser.add_argument("--ckpt-every", type=int, default=None, help="checkpoint every N steps (0: only at the end)")
-    parser.add_argument("--sample-every", type=int, default=None, help="sample grid every N steps (0: never)")
-    parser.add_argument("--sample-steps", type=int, default=100, help="DDPM steps for the sample grids")
-    parser.add_argument("--log-every", type=int, default=None)
+    parser.add_argument("--ckpt-every", type=int, default=None,
+                        help=f"checkpoint every N steps, 0: only at the end ({_preset_defaults('ckpt_every')})")
+    parser.add_argument("--sample-every", type=int, default=None,
+                        help=f"sample grid every N steps, 0: never ({_preset_defaults('sample_every')})")
+    parser.add_argument("--sample-steps", type=int, default=100, help="DDPM steps for the sample grids (default 100)")
+    parser.add_argument("--log-every", type=int, default=None,
+                        help=f"log the mean loss every N steps ({_preset_defaults('log_every')})")
     parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                        help="continue from OUT/checkpoint.safetensors (or the given file)")
+                        help="continue from OUT/checkpoint.safetensors (or the given file); prints the step it "
+                             "resumes from, or that there is no checkpoint and training starts at step 0")
     parser.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="auto: bf16 autocast on CUDA, fp32 on CPU")
@@ -588,6 +711,9 @@ def run(args) -> int:
         if args.random_flip is not None:
             data_options["random_flip"] = args.random_flip
         out = args.out if args.out is not None else os.path.join("runs", args.preset)
+        # The CLI's own names in the messages: --device, --out (train() checks them again).
+        device = resolve_device(args.device, argument="--device") if args.device is not None else None
+        check_writable(out, "--out", folder=True)
         result = train(
             args.preset, args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
             warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
@@ -596,7 +722,7 @@ def run(args) -> int:
             prediction_type=args.prediction_type, variance_type=args.variance_type, loss_type=args.loss_type,
             vlb_weight=args.vlb_weight, model_overrides=overrides, data_options=data_options, out=out,
             ckpt_every=args.ckpt_every, sample_every=args.sample_every, sample_steps=args.sample_steps,
-            log_every=args.log_every, resume=args.resume, device=args.device, precision=args.precision,
+            log_every=args.log_every, resume=args.resume, device=device, precision=args.precision,
             progress=args.progress,
         )
     except (ValueError, TypeError, FileNotFoundError) as error:

@@ -118,7 +118,8 @@ def check_ddpm(shape, dtype=torch.float32, t=None, *, schedule=SCHEDULE, predict
         t = torch.randint(0, schedule.num_timesteps, (shape[0],), generator=torch.Generator().manual_seed(seed))
     out, x0_out = poisoned(x_t), poisoned(x_t)
     options = dict(prediction_type=prediction_type, variance_type=variance_type, clip_denoised=clip, clip_range=1.0)
-    x_prev, x0 = ops.ddpm_step(model_output, t_arg(t), x_t, schedule, noise=noise, seed=seed + 7,
+    kernel_seed = None if given_noise else seed + 7  # noise or seed, not both
+    x_prev, x0 = ops.ddpm_step(model_output, t_arg(t), x_t, schedule, noise=noise, seed=kernel_seed,
                                noise_offset=noise_offset, out=out, pred_x0_out=x0_out, backend=KERNEL_BACKEND, **options)
     assert x_prev is out and x0 is x0_out
     ref_prev, ref_x0 = reference.ddpm_step(as64(model_output), t, as64(x_t), schedule, noise=as64(noise), seed=seed + 7,
@@ -137,7 +138,8 @@ def check_ddim(shape, dtype=torch.float32, t=None, *, schedule=RESPACED, eta=0.0
         t = torch.randint(0, schedule.num_timesteps, (shape[0],), generator=torch.Generator().manual_seed(seed))
     out, x0_out = poisoned(x_t), poisoned(x_t)
     options = dict(eta=eta, prediction_type=prediction_type, clip_denoised=clip)
-    x_prev, x0 = ops.ddim_step(model_output, t_arg(t), x_t, schedule, noise=noise, seed=seed + 7, out=out,
+    kernel_seed = None if given_noise else seed + 7  # noise or seed, not both
+    x_prev, x0 = ops.ddim_step(model_output, t_arg(t), x_t, schedule, noise=noise, seed=kernel_seed, out=out,
                                pred_x0_out=x0_out, backend=KERNEL_BACKEND, **options)
     assert x_prev is out and x0 is x0_out
     ref_prev, ref_x0 = reference.ddim_step(as64(model_output), t, as64(x_t), schedule, noise=as64(noise),
@@ -154,7 +156,8 @@ def check_q_sample(shape, dtype=torch.float32, t=None, *, given_noise=True, seed
     if t is None:
         t = torch.randint(0, T, (shape[0],), generator=torch.Generator().manual_seed(seed))
     out = poisoned(x0)
-    x_t, eps = ops.q_sample(x0, t_arg(t), SCHEDULE, noise, seed=seed + 7, noise_offset=noise_offset, out=out,
+    kernel_seed = None if given_noise else seed + 7  # noise or seed, not both
+    x_t, eps = ops.q_sample(x0, t_arg(t), SCHEDULE, noise, seed=kernel_seed, noise_offset=noise_offset, out=out,
                             return_noise=True, backend=KERNEL_BACKEND)
     assert x_t is out
     ref_x_t, ref_eps = reference.q_sample(as64(x0), t, SCHEDULE, as64(noise), seed=seed + 7, noise_offset=noise_offset)

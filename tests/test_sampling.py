@@ -622,6 +622,25 @@ def test_a_second_call_replays_the_kept_graph(fake_cuda_graphs):
     assert _FakeGraph.captures == 2
 
 
+class _NaNBelowTimestep(RecordingModel):
+    """NaN output for trained timesteps below ``threshold``, with device ops only (capturable)."""
+
+    threshold = 180
+
+    def forward(self, x, t):
+        poison = torch.where(t < self.threshold, float("nan"), 1.0).to(x.dtype).reshape(-1, 1, 1, 1)
+        return super().forward(x, t) * poison
+
+
+def test_nan_is_recorded_inside_the_replayed_step_on_cpu_stand_ins(fake_cuda_graphs):
+    from fastddpm.outputs import NonFiniteError
+
+    # T=200 in 100 steps: step 11 is the first to see a timestep below 180 (179).
+    with pytest.raises(NonFiniteError, match=r"first at step 11 of 100 \(model timestep 179\)"):
+        fake_cuda_graphs(_NaNBelowTimestep(), (2, 1, 4, 4), schedule=NoiseSchedule.linear(200), num_steps=100, seed=0)
+    assert len(fake_cuda_graphs.replays) == 50 - 3  # replays of steps 4..50; the check after step 50 stopped it
+
+
 class _FailsUnderCapture(RecordingModel):
     capturing = False
 

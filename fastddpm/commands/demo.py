@@ -1,6 +1,7 @@
 """``fastddpm demo``: one pass of every per-step op on random data, checked against the reference."""
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -13,10 +14,26 @@ def configure_parser(parser) -> None:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
 
 
+def _check_args(args) -> torch.device:
+    from fastddpm.devices import resolve_device
+
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    if args.size < 1:
+        raise ValueError(f"--size must be >= 1, got {args.size}")
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must lie in [0, 2**63), got {args.seed}")
+    return resolve_device(args.device, argument="--device")
+
+
 def run(args) -> int:
     from fastddpm import NoiseSchedule, ops
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = _check_args(args)
+    except ValueError as error:
+        print(f"fastddpm demo: error: {error}", file=sys.stderr)
+        return 2
     schedule = NoiseSchedule.linear()
     shape = (args.batch, 3, args.size, args.size)
     generator = torch.Generator().manual_seed(args.seed)

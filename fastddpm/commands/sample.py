@@ -80,12 +80,17 @@ def run(args) -> int:
 
 def _run(args) -> int:
     from fastddpm.imaging import save_image_grid, save_samples_npz
+    from fastddpm.interrupts import Interrupted
+    from fastddpm.outputs import OutputError, check_writable, save_or_rescue
     from fastddpm.sampling import sample
 
     _check_args(args)
     out_path = _image_path(args.out)
     npz_path = out_path.with_suffix(".npz")
     device = _resolve_device(args.device)
+    # Before any work: both outputs must be writable (a temporary file is created and removed).
+    check_writable(out_path, "--out")
+    check_writable(npz_path, "--out")
 
     start = time.perf_counter()
     loaded = load_model(args.checkpoint, device)
@@ -99,6 +104,7 @@ def _run(args) -> int:
 
     batch_size = args.batch_size or args.num_samples
     batches = []
+    num_batches = -(-args.num_samples // batch_size)
     for batch, first in enumerate(range(0, args.num_samples, batch_size)):
         count = min(batch_size, args.num_samples - first)
         batch_seed = (args.seed + batch * _BATCH_SEED_STRIDE) % _SEED_LIMIT
@@ -112,23 +118,33 @@ def _run(args) -> int:
             )
         except ValueError as error:  # e.g. the model's output does not fit the sample shape
             raise CommandError(f"sampling failed: {error}") from error
+        except Interrupted as stop:
+            raise Interrupted(stop.signum, f"stopped in batch {batch + 1} of {num_batches}; nothing written") from None
         batches.append(samples.float().cpu())
     samples = torch.cat(batches)
     sample_seconds = time.perf_counter() - start - load_seconds
 
     schedule_timesteps = loaded.schedule.respace_evenly(steps).timesteps
-    save_samples_npz(
-        npz_path, samples, seed=args.seed, sampler=args.sampler, num_steps=steps, eta=args.eta,
+    metadata = dict(
+        seed=args.seed, sampler=args.sampler, num_steps=steps, eta=args.eta,
         batch_size=batch_size, checkpoint=loaded.source, prediction_type=loaded.prediction_type,
         variance_type=loaded.variance_type, num_train_timesteps=total_steps,
         timesteps=schedule_timesteps.numpy(), value_range=[-1.0, 1.0],
     )
+    # The raw samples first; if they cannot be written, they are kept elsewhere and the error says where.
+    save_or_rescue(lambda path: save_samples_npz(path, samples, **metadata), npz_path, argument="--out",
+                   what="the samples")
     written = [f"{npz_path} (raw samples, float32 [N, C, H, W])"]
     try:
         save_image_grid(samples, out_path)
         written.insert(0, f"{out_path} (grid)")
     except ValueError as error:  # e.g. 2 channels: no image mode; the .npz holds the samples
         print(f"note: no image grid written: {error}", file=sys.stderr)
+    except OSError as error:
+        from fastddpm.outputs import describe_os_error
+
+        raise OutputError(f"--out: could not write the grid {str(out_path)!r} ({describe_os_error(error)}); "
+                          f"the samples are in {npz_path}") from error
     print(f"wrote {args.num_samples} samples of shape {tuple(loaded.sample_shape)} to {' and '.join(written)}")
     print(f"{args.sampler}, {steps} steps, seed {args.seed}, device {device}: loaded in {load_seconds:.2f} s, "
           f"sampled in {sample_seconds:.2f} s")
@@ -167,15 +183,12 @@ def _image_path(out: str) -> Path:
 
 
 def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from fastddpm.devices import resolve_device
+
     try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise CommandError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CommandError(f"--device {name}: CUDA is not available on this machine")
-    return device
+        return resolve_device(name, argument="--device")
+    except ValueError as error:
+        raise CommandError(str(error)) from None
 
 
 # ---------------------------------------------------------------------------------------------
