@@ -130,6 +130,16 @@ def _q_sample(given_noise=False):
     return build
 
 
+def _dpmpp_2m(torch, dtype, launcher):
+    from fastddpm.step import StepSpec
+
+    x = torch.randn(BATCH, CHANNELS, HEIGHT, WIDTH).to(dtype)
+    spec = StepSpec("dpmpp_2m", clip_range=None)
+    args = (spec, torch.randn(x.shape).to(dtype), torch.tensor(T_STEP, dtype=torch.int64), x,
+            torch.randn(x.shape).to(dtype), _schedule_table(torch))
+    return args, dict(out=torch.empty_like(x))
+
+
 def _embedding(torch, dtype, launcher):
     return (torch.arange(EMBED_BATCH, dtype=torch.int64) * 7, EMBED_DIM), {}
 
@@ -153,6 +163,9 @@ VARIANTS: List[Variant] = [
               description="training q_sample: t per sample, in-kernel noise, eps written") for d in ("fp32", "bf16")],
     Variant("q_sample.noise.fp32", "q_sample", "_q_sample_kernel", "q_sample", "fp32", _q_sample(given_noise=True),
             2, 1, description="training q_sample: t per sample, given noise"),
+    *[Variant(f"dpmpp_2m.{d}", "dpm_solver", "_dpmpp_2m_kernel", "dpmpp_2m", d, _dpmpp_2m, 3, 2,
+              description="DPM-Solver++(2M) step: epsilon, no clip, scalar t; writes x_prev and x0")
+      for d in ("fp32", "bf16")],
     Variant(f"embedding.dim{EMBED_DIM}", "timestep_embedding", "_timestep_embedding_kernel", "timestep_embedding",
             "fp32", _embedding, 0, 1, per_program=("BLOCK_B", "BLOCK_D"),
             description=f"sinusoidal embedding, {EMBED_BATCH} timesteps x {EMBED_DIM}"),

@@ -23,7 +23,7 @@ from typing import Callable, Dict, Tuple
 
 import torch
 
-OPS = ("ddpm_step", "q_sample", "timestep_embedding")
+OPS = ("ddpm_step", "dpmpp_2m", "q_sample", "timestep_embedding")
 IMPLS = ("fastddpm", "reference", "compile", "diffusers")
 # Implementations the runners measure on a GPU only: the Triton kernels need one, and
 # torch.compile on a CPU would spend minutes compiling every (size, dtype) for a CPU figure
@@ -32,6 +32,7 @@ GPU_ONLY_IMPLS = ("fastddpm", "compile")
 # Implementations per op: the time embedding has no torch.compile baseline in the issue.
 OP_IMPLS = {
     "ddpm_step": IMPLS,
+    "dpmpp_2m": IMPLS,
     "q_sample": IMPLS,
     "timestep_embedding": ("fastddpm", "reference", "diffusers"),
 }
@@ -51,12 +52,16 @@ def bytes_moved(op: str, numel: int, dtype: torch.dtype) -> int:
       not counted: it can be generated in registers (fastddpm does), so a baseline that writes
       it to memory and reads it back pays for that in time, not in this byte count.
       (Writing the predicted x_0 too would make it 4 * N; the sampling loop does not need it.)
+    * dpmpp_2m: read x_t, the model output and the previous x_0, write x_{t-1} and this step's
+      x_0 (the next step's previous one): 5 * N * itemsize.
     * q_sample: read x_0, write x_t and eps (the training loss needs eps): 3 * N * itemsize.
     * timestep_embedding: read N int64 timesteps, write N x dim float32.
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     if op in ("ddpm_step", "q_sample"):
         return 3 * numel * itemsize
+    if op == "dpmpp_2m":
+        return 5 * numel * itemsize
     if op == "timestep_embedding":
         return numel * 8 + numel * EMBEDDING_DIM * 4
     raise ValueError(f"op must be one of {OPS}, got {op!r}")
@@ -85,6 +90,14 @@ def reference_step_with_randn(model_output, t, x_t, schedule):
 
     noise = torch.randn_like(x_t)
     return reference.ddpm_step(model_output, t, x_t, schedule, noise=noise)[0]
+
+
+def reference_dpmpp_2m(model_output, t, x_t, previous_x0, schedule):
+    """The reference DPM-Solver++(2M) step (epsilon, no clipping, as diffusers' default)."""
+    from fastddpm import reference
+    from fastddpm.step import StepSpec
+
+    return reference.dpmpp_2m_step(StepSpec("dpmpp_2m", clip_range=None), model_output, t, x_t, previous_x0, schedule)
 
 
 def reference_q_sample_with_randn(x0, t, schedule):
@@ -119,6 +132,8 @@ def build_kernel_case(op: str, impl: str, numel: int, dtype: torch.dtype, device
     shape = image_shape(numel)
     if op == "ddpm_step":
         return _step_case(impl, shape, dtype, device, generator)
+    if op == "dpmpp_2m":
+        return _dpmpp_case(impl, shape, dtype, device, generator)
     return _q_sample_case(impl, shape, dtype, device, generator)
 
 
@@ -153,6 +168,44 @@ def _step_case(impl, shape, dtype, device, generator):
     # inductor cannot compile (it would fall back to eager around it); a [1] index is a gather.
     t_vector = t.reshape(1)
     return lambda: fn(model_output, t_vector, x_t, schedule)
+
+
+def _dpmpp_case(impl, shape, dtype, device, generator):
+    """A mid-chain second-order step of a 20-step chain (diffusers' default spacing)."""
+    from fastddpm import NoiseSchedule, ops
+    from fastddpm.samplers import SAMPLERS
+    from fastddpm.step import StepSpec
+
+    x_t = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    model_output = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    previous = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    if impl == "diffusers":
+        from diffusers import DPMSolverMultistepScheduler
+
+        scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                                                algorithm_type="dpmsolver++", solver_order=2)
+        scheduler.set_timesteps(20)
+        middle = scheduler.timesteps[10]
+
+        def diffusers_step():
+            # The scheduler keeps the previous x_0 itself; hold it at a mid-chain second-order step.
+            scheduler._step_index = 10
+            scheduler.model_outputs = [None, previous]  # shifted by step(): [previous, this step's]
+            scheduler.lower_order_nums = 2
+            return scheduler.step(model_output, middle, x_t).prev_sample
+
+        return diffusers_step
+    chain = SAMPLERS["dpmpp_2m"].schedule(NoiseSchedule.linear(1000), 20)
+    index = _device_int(9, device)
+    if impl == "fastddpm":
+        spec = StepSpec("dpmpp_2m", clip_range=None)
+        kernels = ops.kernel_module("dpm_solver", interpret=False)
+        table = chain.table(device, torch.float32)
+        out = torch.empty_like(x_t)
+        return lambda: kernels.dpmpp_2m(spec, model_output, index, x_t, previous, table, out=out)
+    fn = _compiled(reference_dpmpp_2m) if impl == "compile" else reference_dpmpp_2m
+    index_vector = index.reshape(1)
+    return lambda: fn(model_output, index_vector, x_t, previous, chain)
 
 
 def _q_sample_case(impl, shape, dtype, device, generator):
