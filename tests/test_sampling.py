@@ -10,7 +10,7 @@ from fastddpm import NoiseSchedule, reference
 from fastddpm.sampling import sample
 from fastddpm.step import StepSpec
 
-from conftest import requires_cuda, requires_triton
+from conftest import KERNEL_BACKEND, requires_cuda, requires_triton
 
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -685,3 +685,28 @@ def test_cpu_never_tries_a_graph(monkeypatch):
         warnings.simplefilter("error")
         x = sample(RecordingModel(), (1, 1, 2, 2), num_steps=3, seed=0, cuda_graph="auto", progress=False)
     assert math.isfinite(float(x.sum()))
+
+
+def test_the_loop_creates_no_tensor_from_a_python_number_per_step(monkeypatch):
+    """What makes a CUDA step block the host: a Python number copied to the device
+    (``torch.tensor(3, device=...)`` and friends). The loop's counters live in device tensors, so
+    the number of such calls must not grow with the steps (GPU: benchmarks/sync_count.py counts
+    the syncs themselves, 0 per step on an H100)."""
+    made = []
+    for name in ("tensor", "as_tensor", "full", "scalar_tensor"):
+        original = getattr(torch, name)
+
+        def counting(*args, _original=original, _name=name, **kwargs):
+            made.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(torch, name, counting)
+    model = RecordingModel()
+
+    def count(steps, **kwargs):
+        made.clear()
+        sample(model, (2, 1, 4, 4), num_steps=steps, seed=3, progress=False, backend=KERNEL_BACKEND, **kwargs)
+        return len(made)
+
+    for kwargs in (dict(), dict(sampler="ddim", eta=0.5), dict(sampler="dpmpp_2m")):
+        assert count(4, **kwargs) == count(12, **kwargs), kwargs
