@@ -397,7 +397,8 @@ def ddpm_step(
     appended along dim 1 for ``learned`` / ``learned_range``. Noise is ``noise`` if given (e.g.
     drawn from a torch.Generator), else the in-kernel Philox stream of ``seed`` at
     ``noise_offset`` (one of the two, not both; batch position ``b`` drawing as sample
-    ``index_base + b``, see :func:`fastddpm.reference.philox_randn`); none is added where t == 0. ``out=x_t`` updates in place. With
+    ``index_base + b``, see :func:`fastddpm.reference.philox_randn`); none is added where
+    t == 0. ``out=x_t`` updates in place. With
     ``return_pred_x0=False`` the kernel does not write x_0 (less memory traffic).
     """
     spec = StepSpec.build("ddpm", prediction_type=prediction_type, variance_type=variance_type,
