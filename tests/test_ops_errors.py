@@ -206,3 +206,39 @@ def test_bad_timestep_embedding_arguments(t, dim, kwargs, exception, name, backe
         t = t.to(KERNEL_DEVICE)
     with pytest.raises(exception, match=name):
         ops.timestep_embedding(t, dim, backend=backend, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernels' flavour is read off the kernel objects, in a fresh process, in either import order
+# ---------------------------------------------------------------------------------------------
+_FLAVOURS = """
+import os, sys, torch
+from fastddpm import ops, reference
+from fastddpm.schedule import NoiseSchedule
+x0 = torch.randn(2, 3, 4, 4)
+_, eps = ops.q_sample(x0, 5, NoiseSchedule.linear(), seed=7, noise_offset=2, return_noise=True, backend="interpret")
+assert torch.allclose(eps, reference.philox_randn(x0.shape, 7, 2), rtol=1e-6, atol=1e-5)
+interpreted, compiled = ops._load_kernels(True), ops._load_kernels(False)
+assert interpreted.is_interpreted() and not compiled.is_interpreted()
+import fastddpm.kernels as plain
+assert plain.is_interpreted() == (os.environ.get("TRITON_INTERPRET") == "1")
+assert str(os.environ.get("TRITON_INTERPRET")) == sys.argv[1], "the library changed TRITON_INTERPRET"
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("interpret_env", [None, "1"])
+def test_interpret_backend_in_a_fresh_process_in_either_flavour(interpret_env):
+    """backend='interpret' works in a process that imported Triton without TRITON_INTERPRET (it
+    used to raise "Cannot call @triton.jit'd outside of the scope of a kernel"), and the compiled
+    flavour is importable beside interpreted kernels; the environment is left as it was."""
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    if interpret_env is not None:
+        env["TRITON_INTERPRET"] = interpret_env
+    done = subprocess.run([sys.executable, "-c", _FLAVOURS, interpret_env or "None"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
