@@ -10,7 +10,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["NoiseSchedule", "make_betas", "BETA_SCHEDULES", "TABLE_ROWS", "table_row"]
+__all__ = ["NoiseSchedule", "make_betas", "BETA_SCHEDULES", "TABLE_ROWS", "table_row", "MIN_ALPHA_CUMPROD"]
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "quadratic", "cosine", "squaredcos_cap_v2", "sigmoid")
 
@@ -31,6 +31,17 @@ TABLE_ROWS = (
     "dpmpp_data_coef",
     "dpmpp_diff_coef",
 )
+
+
+# The smallest alpha_bar that NoiseSchedule.from_alphas_cumprod keeps (the smallest normal float32).
+# A zero-terminal-SNR schedule (Lin et al. 2023) ends on alpha_bar = 0, where the x_0 of an epsilon
+# prediction, sqrt(1/alpha_bar) x_t - sqrt(1/alpha_bar - 1) eps, is inf - inf = NaN wherever x_t and
+# eps share a sign. At 2**-126 both factors are exactly 2**63 (in float64 and float32 tables), so
+# x_0 is 2**63 (x_t - eps): finite, of the sign diffusers' division by 0 gives, and clipped to the
+# same +-clip_range; a v prediction's x_0, sqrt(alpha_bar) x_t - v, moves by 2**-63 |x_t|.
+MIN_ALPHA_CUMPROD = 2.0 ** -126
+# The dtypes NoiseSchedule derives its per-step coefficients in.
+COEFFICIENT_DTYPES = (torch.float64, torch.float32)
 
 
 def table_row(name: str) -> int:
@@ -96,10 +107,18 @@ class NoiseSchedule:
         *,
         final_alpha_cumprod: float = 1.0,
         alphas_cumprod: Optional[Union[torch.Tensor, Sequence[float]]] = None,
+        coefficient_dtype: torch.dtype = torch.float64,
     ):
         """``alphas_cumprod``, when given, is used as is instead of the cumulative product of
         ``1 - betas``: :meth:`respace` passes the kept alpha_bar through, because rebuilding it
-        from betas that round to 1 would turn an alpha_bar below ~1e-16 into 0."""
+        from betas that round to 1 would turn an alpha_bar below ~1e-16 into 0.
+
+        ``coefficient_dtype=torch.float32`` derives the coefficients a reverse step reads from
+        alpha_bar_t and alpha_bar_{t-1} in float32 arithmetic, operation for operation as
+        diffusers' DDPM / DDIM schedulers derive them in each step from their float32 alpha_bar
+        (which ``alphas_cumprod`` then holds): their rounding included, so that a step reproduces
+        diffusers' to the kernels' rounding (see :meth:`_derive_as_diffusers`). float64 (the
+        default) is the accurate choice and what fastddpm's own sampler uses."""
         betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu().clone()
         if betas.ndim != 1 or betas.numel() < 1:
             raise ValueError(f"betas must be a non-empty 1-D sequence, got shape {tuple(betas.shape)}")
@@ -115,6 +134,9 @@ class NoiseSchedule:
             )
         if not (0.0 < final_alpha_cumprod <= 1.0):
             raise ValueError(f"final_alpha_cumprod must lie in (0, 1], got {final_alpha_cumprod}")
+        if coefficient_dtype not in COEFFICIENT_DTYPES:
+            raise ValueError(f"coefficient_dtype must be one of {COEFFICIENT_DTYPES}, got {coefficient_dtype!r}")
+        self.coefficient_dtype = coefficient_dtype
         self.num_timesteps = num_timesteps
         self.timesteps = timesteps
         self.final_alpha_cumprod = float(final_alpha_cumprod)
@@ -188,6 +210,8 @@ class NoiseSchedule:
         zero = (self.alphas_cumprod == 0).nonzero()
         self.first_zero_alpha_bar: Optional[int] = int(zero[0, 0]) if zero.numel() else None
 
+        if coefficient_dtype == torch.float32:
+            self._derive_as_diffusers()
         self._device_cache: Dict[Tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def check_prediction_type(self, prediction_type: str) -> None:
@@ -202,6 +226,39 @@ class NoiseSchedule:
                 "where x_0 cannot be recovered from a noise prediction (prediction_type='epsilon'); expected "
                 "betas below 1, or prediction_type 'v_prediction' or 'sample'")
 
+    def _derive_as_diffusers(self) -> None:
+        """Replace the per-step coefficients by their float32 derivation from alpha_bar_t (a) and
+        alpha_bar_{t-1} (p), in the order of operations of diffusers' DDPM/DDIM steps. In float32,
+        1 - a and a / p cancel early in the chain (a ~ p ~ 1): their rounding moves the posterior
+        coefficients by up to ~2e-4 (relative) at t = 2, and a sampler matching diffusers'
+        numbers must carry the same rounding. Kept widened to float64 (exactly)."""
+        f32 = torch.float32
+        a, p = self.alphas_cumprod.to(f32), self.alphas_cumprod_prev.to(f32)
+        one_minus_a, one_minus_p = 1 - a, 1 - p
+        step_alpha = a / p
+        step_beta = 1 - step_alpha
+        sqrt_a = a ** 0.5
+        variance = one_minus_p / one_minus_a * step_beta
+        rows = {
+            "sqrt_alphas_cumprod": sqrt_a,
+            "sqrt_one_minus_alphas_cumprod": one_minus_a ** 0.5,
+            # diffusers divides by sqrt(a) where the kernels multiply by these quotients.
+            "sqrt_recip_alphas_cumprod": 1.0 / sqrt_a.double(),
+            "sqrt_recipm1_alphas_cumprod": (one_minus_a ** 0.5).double() / sqrt_a.double(),
+            "posterior_mean_coef1": p ** 0.5 * step_beta / one_minus_a,
+            "posterior_mean_coef2": step_alpha ** 0.5 * one_minus_p / one_minus_a,
+            "posterior_variance": variance,
+            # diffusers floors the variance at 1e-20 before its log; the first index keeps its
+            # convention (the next index's value), as in float64.
+            "posterior_log_variance_clipped": torch.log(torch.cat(
+                [variance[1:2] if len(variance) > 1 else variance[:1], variance[1:]]).clamp_min(1e-20)),
+            "log_betas": torch.log(step_beta),
+            "sqrt_alphas_cumprod_prev": p ** 0.5,
+            "one_minus_alphas_cumprod_prev": one_minus_p,
+        }
+        for name, value in rows.items():
+            setattr(self, name, value.to(f32).to(torch.float64))
+
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_name(
@@ -213,6 +270,36 @@ class NoiseSchedule:
         **kwargs,
     ) -> "NoiseSchedule":
         return cls(make_betas(name, num_timesteps, beta_start, beta_end, **kwargs))
+
+    @classmethod
+    def from_alphas_cumprod(
+        cls,
+        alphas_cumprod: Union[torch.Tensor, Sequence[float]],
+        *,
+        final_alpha_cumprod: float = 1.0,
+        coefficient_dtype: torch.dtype = torch.float64,
+    ) -> "NoiseSchedule":
+        """Schedule whose alpha_bar is ``alphas_cumprod`` as given (e.g. diffusers' float32 table,
+        widened to float64 exactly), values below :data:`MIN_ALPHA_CUMPROD` raised to it.
+
+        Each beta is 1 - alpha_bar_t / alpha_bar_{t-1} (alpha_bar_{-1} = 1), the beta a step from
+        t to t - 1 implies; so the posterior's coefficients are the ones a sampler working from
+        these alpha_bar values computes, not those of betas that would round to them.
+        ``coefficient_dtype`` as in the constructor.
+        """
+        values = torch.as_tensor(alphas_cumprod).detach().to(device="cpu", dtype=torch.float64)
+        if values.ndim != 1 or values.numel() < 1:
+            raise ValueError(f"alphas_cumprod must be a non-empty 1-D sequence, got shape {tuple(values.shape)}")
+        if not torch.isfinite(values).all() or (values < 0).any() or (values > 1).any():
+            raise ValueError("alphas_cumprod must all lie in [0, 1]")
+        values = values.clamp_min(MIN_ALPHA_CUMPROD)
+        previous = torch.cat([torch.ones(1, dtype=torch.float64), values[:-1]])
+        if (values >= previous).any():
+            first = int((values >= previous).nonzero()[0, 0])
+            raise ValueError(f"alphas_cumprod must decrease strictly from below 1 (every beta > 0); "
+                             f"alphas_cumprod[{first}] = {values[first].item()!r} does not")
+        return cls(1.0 - values / previous, final_alpha_cumprod=final_alpha_cumprod, alphas_cumprod=values,
+                   coefficient_dtype=coefficient_dtype)
 
     @classmethod
     def linear(cls, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "NoiseSchedule":
@@ -252,7 +339,7 @@ class NoiseSchedule:
         kept = self.alphas_cumprod[idx]
         prev = torch.cat([torch.ones(1, dtype=torch.float64), kept[:-1]])
         return NoiseSchedule(1.0 - kept / prev, self.timesteps[idx], final_alpha_cumprod=final_alpha_cumprod,
-                             alphas_cumprod=kept)
+                             alphas_cumprod=kept, coefficient_dtype=self.coefficient_dtype)
 
     def respace_evenly(self, num_steps: int) -> "NoiseSchedule":
         """Respace to ``num_steps`` indices spread evenly over the chain, always keeping the last."""

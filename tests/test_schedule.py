@@ -1,12 +1,13 @@
 """NoiseSchedule against independent float64 derivations and against diffusers' schedulers."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastddpm.schedule import BETA_SCHEDULES, TABLE_ROWS, NoiseSchedule, make_betas, table_row
+from fastddpm.schedule import BETA_SCHEDULES, MIN_ALPHA_CUMPROD, TABLE_ROWS, NoiseSchedule, make_betas, table_row
 
 T = 1000
 
@@ -316,3 +317,110 @@ def test_respace_keeps_tiny_alpha_bar_finite():
     for name in ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
                  "posterior_mean_coef2", "posterior_variance"):
         assert torch.isfinite(getattr(respaced, name)).all(), name
+
+
+# ---------------------------------------------------------------------------------------------
+# from_alphas_cumprod: a schedule of given alpha_bar values (diffusers' float32 table)
+# ---------------------------------------------------------------------------------------------
+def test_from_alphas_cumprod_recovers_the_betas_of_its_alpha_bar():
+    betas = NoiseSchedule.cosine(300).betas
+    given = NoiseSchedule.from_alphas_cumprod(torch.cumprod(1 - betas, 0))
+    # betas come back as 1 - alpha_bar_t / alpha_bar_{t-1}: float64 rounding of the ratio only
+    # (relative ~1e-16 / beta, ~1e-12 at the smallest cosine beta 4e-5)
+    torch.testing.assert_close(given.betas, betas, rtol=1e-10, atol=0)
+    expected = per_element_tables(betas.tolist())
+    for row in ("posterior_mean_coef1", "posterior_mean_coef2", "posterior_variance", "sqrt_recipm1_alphas_cumprod"):
+        torch.testing.assert_close(getattr(given, row), expected[row], rtol=1e-10, atol=0, msg=lambda m: f"{row}: {m}")
+    assert given.coefficient_dtype == torch.float64
+
+
+def test_from_alphas_cumprod_keeps_values_as_given():
+    values = torch.tensor([0.9, 0.5, 0.25, 1e-3], dtype=torch.float32)
+    schedule = NoiseSchedule.from_alphas_cumprod(values)
+    assert torch.equal(schedule.alphas_cumprod, values.double())  # widened exactly, not re-multiplied
+    assert schedule.alphas_cumprod_prev.tolist() == [1.0] + values.double().tolist()[:-1]
+
+
+def test_zero_terminal_alpha_bar_is_raised_to_the_floor():
+    # A zero-SNR schedule ends on alpha_bar = 0; 1 / sqrt(alpha_bar) must stay finite, and exactly a
+    # power of two so that x_0 = 2**63 (x_t - eps) keeps the sign of x_t - eps.
+    schedule = NoiseSchedule.from_alphas_cumprod([0.9, 0.3, 0.0])
+    assert schedule.alphas_cumprod[-1].item() == MIN_ALPHA_CUMPROD == 2.0 ** -126
+    table = schedule.table("cpu", torch.float32)
+    assert table[table_row("sqrt_recip_alphas_cumprod"), -1].item() == 2.0 ** 63
+    assert table[table_row("sqrt_recipm1_alphas_cumprod"), -1].item() == 2.0 ** 63
+    assert table[table_row("sqrt_alphas_cumprod"), -1].item() == 2.0 ** -63
+    assert schedule.betas[-1].item() == 1.0
+    assert torch.isfinite(table).all()
+
+
+@pytest.mark.parametrize("values, match", [
+    ([0.9, 0.9, 0.5], "alphas_cumprod\\[1\\]"),     # a step with beta = 0
+    ([1.0, 0.5], "alphas_cumprod\\[0\\]"),          # beta_0 = 0
+    ([0.5, 0.0, 0.0], "alphas_cumprod\\[2\\]"),     # two zeros: equal once floored
+    ([0.9, 1.5], "\\[0, 1\\]"),
+    ([0.9, float("nan")], "\\[0, 1\\]"),
+    ([[0.9, 0.5]], "1-D"),
+])
+def test_from_alphas_cumprod_refuses_values_that_do_not_decrease(values, match):
+    with pytest.raises(ValueError, match=match):
+        NoiseSchedule.from_alphas_cumprod(values)
+
+
+# ---------------------------------------------------------------------------------------------
+# coefficient_dtype=float32: the coefficients as diffusers derives them in its steps
+# ---------------------------------------------------------------------------------------------
+def float32_step_coefficients(alpha_bar, alpha_bar_prev):
+    """One index's coefficients with numpy float32 scalars, each operation rounded to float32."""
+    f = np.float32
+    a, p = f(alpha_bar), f(alpha_bar_prev)
+    step_alpha = a / p
+    step_beta = f(1) - step_alpha
+    variance = (f(1) - p) / (f(1) - a) * step_beta
+    with np.errstate(divide="ignore"):  # log(0) at DDIM's empty first step, skipped by the caller
+        log_beta = np.log(step_beta)
+    return {
+        "posterior_mean_coef1": np.sqrt(p) * step_beta / (f(1) - a),
+        "posterior_mean_coef2": np.sqrt(step_alpha) * (f(1) - p) / (f(1) - a),
+        "posterior_variance": variance,
+        "log_betas": log_beta,
+        "sqrt_one_minus_alphas_cumprod": np.sqrt(f(1) - a),
+        "sqrt_alphas_cumprod_prev": np.sqrt(p),
+        "one_minus_alphas_cumprod_prev": f(1) - p,
+    }
+
+
+@pytest.mark.parametrize("final_alpha_cumprod", [1.0, None])
+def test_float32_coefficients_match_a_per_element_float32_derivation(final_alpha_cumprod):
+    alpha_bar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float32), 0)
+    final = alpha_bar[0].item() if final_alpha_cumprod is None else final_alpha_cumprod
+    schedule = NoiseSchedule.from_alphas_cumprod(alpha_bar, coefficient_dtype=torch.float32)
+    respaced = schedule.respace([0, 1, 2, 500, 999], final_alpha_cumprod=final)
+    assert respaced.coefficient_dtype == torch.float32
+    table = respaced.table("cpu", torch.float32)
+    kept = [0, 1, 2, 500, 999]
+    for i, t in enumerate(kept):
+        prev = alpha_bar[kept[i - 1]].item() if i > 0 else final
+        for row, value in float32_step_coefficients(alpha_bar[t].item(), prev).items():
+            if i == 0 and row == "log_betas" and final != 1.0:
+                continue  # log(0): DDIM's empty first step (set_alpha_to_one=False) has no noise
+            actual = table[table_row(row), i].item()
+            # numpy's and torch's float32 sqrt / log may round the last bit differently
+            assert actual == pytest.approx(float(value), rel=2.5e-7, abs=0), (row, t)
+
+
+def test_float32_coefficients_differ_from_float64_where_float32_cancels():
+    # At t = 1, 1 - alpha_bar_1 / alpha_bar_0 loses ~12 bits in float32: the two derivations of the
+    # same alpha_bar values differ there by ~1e-4 relative (measured 1.0e-4), and by a few float32
+    # ulps late in the chain (measured <= 2.7e-6 over t >= 500).
+    alpha_bar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float32), 0)
+    exact = NoiseSchedule.from_alphas_cumprod(alpha_bar)
+    as_diffusers = NoiseSchedule.from_alphas_cumprod(alpha_bar, coefficient_dtype=torch.float32)
+    relative = (as_diffusers.posterior_mean_coef1 / exact.posterior_mean_coef1 - 1).abs()
+    assert 3e-5 < relative[1].item() < 1e-3
+    assert relative[500:].max().item() < 1e-5
+
+
+def test_bad_coefficient_dtype():
+    with pytest.raises(ValueError, match="coefficient_dtype"):
+        NoiseSchedule([0.1, 0.2], coefficient_dtype=torch.float16)
