@@ -22,6 +22,8 @@ setup(
         "scikit-learn",
     ],
     extras_require={
+        # fastddpm.DDPMScheduler / DDIMScheduler subclass diffusers' schedulers
+        "diffusers": ["diffusers"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "diffusers", "scipy"],
         "bench": ["pytest-benchmark", "diffusers", "matplotlib"],
     },
