@@ -10,12 +10,14 @@ run through :func:`fastddpm.ops.ddpm_step` / :func:`~fastddpm.ops.ddim_step` /
 parent's and then prepares the tables the ops index. diffusers is an optional dependency of
 fastddpm: ``pip install fastddpm[diffusers]``.
 
-Tables. The ops read a :class:`~fastddpm.schedule.NoiseSchedule` built once from the parent's own
-float32 ``alphas_cumprod`` (:meth:`~fastddpm.schedule.NoiseSchedule.from_alphas_cumprod`): both
-classes work from the same alpha_bar values, and only the coefficients derived from them are
-computed in float64 (rounded once to float32 for the kernels). fastddpm's own float64 cumulative
-product differs from diffusers' float32 one by ~1e-6 (relative) late in a 1000-step chain, which
-is enough to move the sum of a 1000-step loop past diffusers' own test tolerance.
+Tables (a deliberate choice). The ops read a :class:`~fastddpm.schedule.NoiseSchedule` built once
+from the parent's own float32 ``alphas_cumprod``, with the per-step coefficients derived from it
+in float32 as diffusers' steps derive them (``NoiseSchedule.from_alphas_cumprod(...,
+coefficient_dtype=torch.float32)``): the drop-in reproduces diffusers' numbers, rounding
+included, to the kernels' rounding. fastddpm's float64 tables are more accurate (and remain what
+``fastddpm.sample`` uses), but early in a chain diffusers' float32 ``1 - alpha_bar_t /
+alpha_bar_{t-1}`` cancels and moves its posterior coefficients by up to ~2e-4 (relative), which
+put the float64 tables past the tolerance of diffusers' own ``test_full_loop_with_noise``.
 
 The fused path. ``step`` runs the fused op when thresholding is off, ``model_output`` and
 ``sample`` share a device and a dtype the ops store (float16, bfloat16, float32, float64), the
@@ -77,8 +79,9 @@ try:
     from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
     from diffusers.utils.torch_utils import randn_tensor
 except ImportError as error:
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
     raise ImportError(f"fastddpm.DDPMScheduler and fastddpm.DDIMScheduler subclass diffusers' schedulers, but "
-                      f"diffusers cannot be imported ({error}); install it with: pip install fastddpm[diffusers]"
+                      f"diffusers cannot be imported ({reason}); install it with: pip install fastddpm[diffusers]"
                       ) from error
 
 from . import ops
@@ -265,15 +268,19 @@ class _FusedSteps:
         reference = self.timesteps
         self._timesteps_reference = reference if reference.ndim == 1 and reference.is_contiguous() else None
 
-    def _set_lookup(self, index_of: Dict[int, int]) -> None:
-        """Timestep -> schedule index table (-1 off the table), copied to a device once on first use."""
+    def _set_lookup(self, index_of: Dict[int, int], schedule: NoiseSchedule) -> None:
+        """Timestep -> index table of ``schedule`` (-1 off the table), copied to a device once on
+        first use; after ``set_timesteps(device=...)`` it and the schedule's kernel table are
+        copied there now, so that no step copies anything."""
         table = torch.full((self.config.num_train_timesteps,), -1, dtype=torch.int64)
         for timestep, index in index_of.items():
             table[timestep] = index
         self._lookup_host = table
         self._lookup_cache = {}
-        if self.timesteps.device.type not in HOST_DEVICE_TYPES:
-            self._lookup(self.timesteps.device)  # set_timesteps(device=...) builds it there now
+        device = self.timesteps.device
+        if device.type not in HOST_DEVICE_TYPES:
+            self._lookup(device)
+            schedule.table(device, torch.float32)
 
     # ------------------------------------------------------------------ timestep -> index
     def _host_timestep(self, timestep) -> Optional[int]:
@@ -413,7 +420,7 @@ class DDPMScheduler(_FusedSteps, diffusers.DDPMScheduler):
             self._chain = self._trained.respace(ascending)
         self._chain_index = {t: i for i, t in enumerate(ascending)}
         self._chain_start = ascending[0]
-        self._set_lookup(self._chain_index)
+        self._set_lookup(self._chain_index, self._chain)
 
     def _needs_host_timestep(self, generator) -> bool:
         if self._chain_start == 0:
@@ -524,7 +531,7 @@ class DDIMScheduler(_FusedSteps, diffusers.DDIMScheduler):
             else:
                 self._plan[t] = self._pair(t, p)
         self._shared, self._all_shared = shared, len(shared_index) == len(landing)
-        self._set_lookup(shared_index)
+        self._set_lookup(shared_index, shared)
 
     def _pair(self, t: int, landing: int) -> Tuple[NoiseSchedule, int]:
         if landing < 0:
@@ -553,6 +560,8 @@ class DDIMScheduler(_FusedSteps, diffusers.DDIMScheduler):
             return parent()  # diffusers' error: set_timesteps first
         _check_tensors(model_output=model_output, sample=sample)
         _check_generator(generator)
+        if isinstance(eta, torch.Tensor):
+            return parent()
         if isinstance(eta, (bool, np.bool_)) or not isinstance(eta, numbers.Real) or not eta >= 0:
             raise ValueError(f"eta must be a number >= 0, got {eta!r}")
         eta = float(eta)
