@@ -33,7 +33,7 @@ def test_cli_help_lists_every_command(capsys):
         assert name in printed
 
 
-def test_the_scheduler_swap_snippet_runs_as_written():
+def test_the_scheduler_swap_snippet_runs_as_written(one_cpu_thread):
     """The README's "Swapping the scheduler" example defines everything it uses and samples."""
     pytest.importorskip("diffusers")
     readme = (ROOT / "README.md").read_text(encoding="utf-8")

@@ -24,6 +24,8 @@ import fastddpm  # noqa: E402
 from conftest import KERNEL_BACKEND, KERNEL_DEVICE, requires_cuda, requires_triton  # noqa: E402
 from fastddpm import schedulers  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # tiny tensors: a second thread only contends
+
 SHAPE = (2, 3, 4, 4)
 # Errors are max |ours - diffusers'| / (1 + max |diffusers'|) per step (see scaled_error). Both
 # schedulers step from the same float32 alpha_bar with the same float32 coefficients; what is left
