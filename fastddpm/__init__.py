@@ -11,6 +11,7 @@ _LAZY = {
     "sample": "sampling",
     "DDPMScheduler": "schedulers",
     "DDIMScheduler": "schedulers",
+    "DPMSolverMultistepScheduler": "schedulers",
     "UNet": "models",
     "MLPDenoiser": "models",
     "create_model": "models",

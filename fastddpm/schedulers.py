@@ -77,17 +77,21 @@ try:
     from diffusers import SchedulerMixin  # noqa: F401
     from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
     from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
+    from diffusers.schedulers.scheduling_utils import SchedulerOutput
     from diffusers.utils.torch_utils import randn_tensor
 except ImportError as error:
     reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    raise ImportError(f"fastddpm.DDPMScheduler and fastddpm.DDIMScheduler subclass diffusers' schedulers, but "
+    raise ImportError(f"fastddpm.DDPMScheduler, DDIMScheduler and DPMSolverMultistepScheduler subclass diffusers' "
+                      f"schedulers, but "
                       f"diffusers cannot be imported ({reason}); install it with: pip install fastddpm[diffusers]"
                       ) from error
 
-from . import ops
+from . import ops, reference
 from .schedule import NoiseSchedule
+from .step import StepSpec
 
-__all__ = ["DDPMScheduler", "DDIMScheduler", "DDPMSchedulerOutput", "DDIMSchedulerOutput"]
+__all__ = ["DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "DDPMSchedulerOutput",
+           "DDIMSchedulerOutput", "SchedulerOutput"]
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
@@ -188,6 +192,9 @@ class _FusedSteps:
     """Argument checks, the NoiseSchedule of the parent's alpha_bar, timestep -> index tables on
     the device, the in-kernel noise stream, and ``add_noise``."""
 
+    # prediction types the parent accepts (DPMSolverMultistepScheduler adds flow_prediction)
+    _prediction_types: Tuple[str, ...] = PREDICTION_TYPES
+
     # ------------------------------------------------------------------ construction
     def _check_arguments(self, arguments: dict) -> None:
         """Stricter than diffusers (see the README): refuse at construction what diffusers accepts
@@ -196,11 +203,13 @@ class _FusedSteps:
         if arguments["trained_betas"] is None:
             _check_real("beta_start", arguments["beta_start"])
             _check_real("beta_end", arguments["beta_end"])
-        _check_choice("prediction_type", arguments["prediction_type"], PREDICTION_TYPES)
+        _check_choice("prediction_type", arguments["prediction_type"], self._prediction_types)
         _check_choice("timestep_spacing", arguments["timestep_spacing"], TIMESTEP_SPACINGS)
         for name in ("clip_sample", "thresholding", "rescale_betas_zero_snr"):
-            _check_bool(name, arguments[name])
-        _check_positive("clip_sample_range", arguments["clip_sample_range"])
+            if name in arguments:  # DPMSolverMultistepScheduler has no clip_sample
+                _check_bool(name, arguments[name])
+        if "clip_sample_range" in arguments:
+            _check_positive("clip_sample_range", arguments["clip_sample_range"])
         _check_positive("dynamic_thresholding_ratio", arguments["dynamic_thresholding_ratio"], 1.0)
         _check_positive("sample_max_value", arguments["sample_max_value"])
         _check_int("steps_offset", arguments["steps_offset"], 0)
@@ -246,7 +255,9 @@ class _FusedSteps:
         """Run the parent's ``set_timesteps`` (``call``) on the CPU, check the timesteps it chose,
         move them to ``device`` as the parent would, and return them as ints. A refused choice
         leaves the scheduler as it was."""
-        saved = {name: self.__dict__[name] for name in ("timesteps", "num_inference_steps", "custom_timesteps")
+        saved = {name: self.__dict__[name] for name in ("timesteps", "num_inference_steps", "custom_timesteps",
+                                                        "sigmas", "model_outputs", "lower_order_nums",
+                                                        "_step_index", "_begin_index")
                  if name in self.__dict__}
         call()
         values = self.timesteps.tolist()
@@ -603,3 +614,156 @@ class DDIMScheduler(_FusedSteps, diffusers.DDIMScheduler):
         if not return_dict:
             return prev_sample, pred_original_sample
         return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+
+
+# ---------------------------------------------------------------------------------------------
+# DPM-Solver++(2M)
+# ---------------------------------------------------------------------------------------------
+# Sigma schedules other than the plain VP one of the trained alpha_bar (the fused step's chain).
+DPM_SIGMA_SCHEDULES = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
+                       "use_flow_sigmas")
+
+
+def _dpmpp_2m(spec: StepSpec, model_output: torch.Tensor, index: torch.Tensor, x: torch.Tensor,
+              previous_x0: torch.Tensor, chain: NoiseSchedule) -> torch.Tensor:
+    """One fused DPM-Solver++(2M) step from chain index ``index``: returns x_{i-1} and overwrites
+    ``previous_x0`` (contiguous, x's shape) with this step's x_0. The kernel on CUDA (or the
+    interpreter with ``FASTDDPM_BACKEND=interpret``), the reference otherwise, as
+    :func:`fastddpm.samplers.dpmpp_2m` dispatches."""
+    backend = ops.resolve_backend(None, x.device, x.dtype)
+    if backend == "reference":
+        x_prev, x0 = reference.dpmpp_2m_step(spec, model_output, index, x, previous_x0, chain)
+        previous_x0.copy_(x0)
+        return x_prev
+    kernels = ops.kernel_module("dpm_solver", interpret=backend == "interpret")
+    return kernels.dpmpp_2m(spec, model_output.contiguous(), index, x, previous_x0, chain.table(x.device, torch.float32))
+
+
+class DPMSolverMultistepScheduler(_FusedSteps, diffusers.DPMSolverMultistepScheduler):
+    """diffusers' ``DPMSolverMultistepScheduler`` whose ``step`` runs fastddpm's fused
+    DPM-Solver++(2M) step (``kernels/dpm_solver.py``; :func:`fastddpm.reference.dpmpp_2m_step`
+    off CUDA unless ``FASTDDPM_BACKEND=interpret``).
+
+    The fused path takes ``algorithm_type="dpmsolver++"``, ``solver_order=2``,
+    ``solver_type="midpoint"``, ``final_sigmas_type="zero"`` (whatever ``lower_order_final`` and
+    ``euler_at_final``: with "zero" diffusers' last step is first order anyway), the plain VP sigmas
+    of the trained alpha_bar (none of ``use_karras_sigmas``, ``use_exponential_sigmas``,
+    ``use_beta_sigmas``, ``use_lu_lambdas``, ``use_flow_sigmas``), any ``timestep_spacing``,
+    ``steps_offset``, ``lambda_min_clipped`` or custom ``timesteps`` whose timesteps do not repeat,
+    ``thresholding=False``, prediction types epsilon / sample / v_prediction, ``variance_type``
+    None or, with epsilon, learned / learned_range (diffusers keeps the first 3 channels, as the
+    fused path does), and ``model_output`` / ``sample`` of one shape, dtype and device. Every other
+    setting (among them ``rescale_betas_zero_snr``, whose last alpha_bar diffusers raises to 2**-24,
+    above the one before it), and a first step taken below the chain's top (``set_begin_index``),
+    runs ``super().step`` unchanged. ``add_noise`` is the parent's.
+
+    The step index is diffusers' counter (``step_index``; its first value found on the host for a
+    timestep that is an int, a CPU tensor or an element of ``scheduler.timesteps``), so a step
+    reads nothing back from the device. The predicted x_0 lives in a device buffer that the fused
+    op overwrites in place; after a fused step ``model_outputs[-1]`` is that buffer and an earlier
+    entry that is the same buffer is set to None (its value is gone; order 2 never reads it), so
+    the parent's step may follow a fused one, and a fused one the parent's, within one loop.
+    """
+
+    __init__ = _init_of(diffusers.DPMSolverMultistepScheduler)
+    _prediction_types = PREDICTION_TYPES + ("flow_prediction",)
+    add_noise = diffusers.DPMSolverMultistepScheduler.add_noise  # indexed by step, not by timestep
+
+    def _prepare(self) -> None:
+        super()._prepare()
+        self._chain: Optional[NoiseSchedule] = None
+        self._x0_buffer: Optional[torch.Tensor] = None
+        self._spec: Optional[StepSpec] = None
+
+    def _fused_settings(self) -> bool:
+        config = self.config
+        return (self._trained is not None and config.algorithm_type == "dpmsolver++" and config.solver_order == 2
+                and config.solver_type == "midpoint" and config.final_sigmas_type == "zero"
+                and not config.thresholding and config.prediction_type in PREDICTION_TYPES
+                and not any(getattr(config, name, False) for name in DPM_SIGMA_SCHEDULES))
+
+    def set_timesteps(self, num_inference_steps: Optional[int] = None, device: Union[str, torch.device, None] = None,
+                      mu: Optional[float] = None, timesteps: Optional[List[int]] = None) -> None:
+        """diffusers' ``set_timesteps``, then the chain the fused step walks (on ``device``)."""
+        if num_inference_steps is not None:
+            self._check_num_inference_steps(num_inference_steps)
+        values = self._set_parent_timesteps(
+            lambda: super(DPMSolverMultistepScheduler, self).set_timesteps(num_inference_steps, None, mu, timesteps),
+            device)
+        self._chain = None
+        ascending = sorted(values)
+        if self._fused_settings() and all(a < b for a, b in zip(ascending, ascending[1:])):
+            # index i of the chain is diffusers' step len - 1 - i; its last step lands on x_0 (alpha_bar 1)
+            self._chain = self._trained.respace(ascending)
+            self._spec = StepSpec("dpmpp_2m", self.config.prediction_type, "fixed_small", None)
+            if self.timesteps.device.type not in HOST_DEVICE_TYPES:
+                self._chain.table(self.timesteps.device, torch.float32)
+                self._index_on(0, self.timesteps.device)
+
+    def _init_step_index(self, timestep) -> None:
+        """diffusers' rule (the second match of a repeated timestep, the last step if none),
+        without reading the timestep back where the host knows it."""
+        if self.begin_index is None and (isinstance(timestep, (int, np.integer)) or (
+                isinstance(timestep, torch.Tensor) and timestep.numel() == 1 and not timestep.dtype.is_floating_point
+                and not timestep.dtype.is_complex and timestep.dtype != torch.bool)):
+            t = self._host_timestep(timestep)
+            if t is not None:
+                matches = [k for k, value in enumerate(self._host_timesteps) if value == t]
+                self._step_index = (len(self._host_timesteps) - 1 if not matches
+                                    else matches[1] if len(matches) > 1 else matches[0])
+                return
+        super()._init_step_index(timestep)
+
+    def _previous_x0(self, sample: torch.Tensor, first_order: bool) -> torch.Tensor:
+        """The device buffer the op reads D0_prev from and writes D0 to, holding the parent's
+        ``model_outputs[-1]`` when that is not the buffer already."""
+        buffer = self._x0_buffer
+        if buffer is None or buffer.shape != sample.shape or buffer.dtype != sample.dtype \
+                or buffer.device != sample.device:
+            buffer = self._x0_buffer = torch.zeros(sample.shape, dtype=sample.dtype, device=sample.device)
+        previous = self.model_outputs[-1]
+        if previous is not buffer and not first_order:
+            buffer.copy_(previous)
+        return buffer
+
+    def step(self, model_output: torch.Tensor, timestep: Union[int, torch.Tensor], sample: torch.Tensor,
+             generator=None, variance_noise: Optional[torch.Tensor] = None,
+             return_dict: bool = True) -> Union[SchedulerOutput, Tuple]:
+        """diffusers' ``DPMSolverMultistepScheduler.step``, fused where the settings allow (class
+        docstring)."""
+        def parent():
+            return super(DPMSolverMultistepScheduler, self).step(model_output, timestep, sample, generator,
+                                                                 variance_noise, return_dict)
+
+        if self.num_inference_steps is None or self._chain is None:
+            return parent()
+        _check_tensors(model_output=model_output, sample=sample)
+        output = model_output
+        if self.config.variance_type in LEARNED_VARIANCE_TYPES and self.config.prediction_type == "epsilon" \
+                and output.ndim >= 2:
+            output = output[:, :3]  # diffusers' split of the variance channels
+        if not _fusable_tensors(output, sample) or output.shape != sample.shape:
+            return parent()
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        total = len(self._host_timesteps)
+        step = self.step_index
+        if not 0 <= step < total:
+            return parent()  # diffusers' own error
+        index = total - 1 - step
+        first_order = self.lower_order_nums < 1 or step == total - 1
+        if first_order != (index in (0, total - 1)):
+            return parent()  # e.g. a first step below the chain's top (set_begin_index)
+
+        device = sample.device
+        previous = self._previous_x0(sample, first_order)
+        chain_index = self._index_on(index, device)
+        prev_sample = _dpmpp_2m(self._spec, output, chain_index, sample.contiguous(), previous, self._chain)
+        shifted = [None if entry is previous else entry for entry in self.model_outputs[1:]]
+        self.model_outputs = [*shifted, previous]
+        if self.lower_order_nums < self.config.solver_order:
+            self.lower_order_nums += 1
+        self._step_index += 1
+        if not return_dict:
+            return (prev_sample,)
+        return SchedulerOutput(prev_sample=prev_sample)
