@@ -30,6 +30,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--plan", nargs="+", default=None, metavar="SAMPLER:STEPS",
+                        help="e.g. ddpm:1000 ddim:10,20,50 (default: " + " ".join(
+                            f"{name}:{','.join(map(str, steps))}" for name, steps in PLAN.items()) + ")")
     args = parser.parse_args(argv)
 
     import torch
@@ -40,10 +43,18 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    plan = PLAN if args.plan is None else {
+        name: tuple(int(n) for n in steps.split(",")) for name, steps in (item.split(":") for item in args.plan)}
     pretrained = fastddpm.load_pretrained()
     classifier = load_digit_classifier(None)
     rows = []
-    for sampler, step_counts in PLAN.items():
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent).stdout.strip()
+    result = dict(command=" ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+                  commit=commit, machine=platform.processor() or platform.machine(), torch=torch.__version__,
+                  threads=torch.get_num_threads(), samples=args.samples, seeds=args.seeds, rows=rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for sampler, step_counts in plan.items():
         for steps in step_counts:
             for seed in args.seeds:
                 start = time.perf_counter()
@@ -57,13 +68,8 @@ def main(argv=None) -> int:
                                  confidence=quality["mean_max_probability"]))
                 print(f"{sampler:9s} {steps:5d} seed {seed}: FD {quality['fd']:.2f} floor {quality['fd_floor']:.2f} "
                       f"({seconds:.1f} s)", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parent).stdout.strip()
-    result = dict(command=" ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-                  commit=commit, machine=platform.processor() or platform.machine(), torch=torch.__version__,
-                  threads=torch.get_num_threads(), samples=args.samples, seeds=args.seeds, rows=rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quality_vs_steps.json").write_text(json.dumps(result, indent=1) + "\n")
+                # Every row as soon as it is measured (a long run cut short keeps what it has).
+                (args.out / "quality_vs_steps.json").write_text(json.dumps(result, indent=1) + "\n")
     table = summarise(rows)
     (args.out / "quality_vs_steps.md").write_text(table)
     plot(rows, args.out / "quality_vs_steps.png")
@@ -99,7 +105,7 @@ def plot(rows, path: Path) -> None:
     except ImportError:
         return
     figure, axis = plt.subplots(figsize=(6, 4))
-    for sampler in PLAN:
+    for sampler in dict.fromkeys(r["sampler"] for r in rows):
         points = [(steps, [r["fd_ratio"] for r in group]) for (name, steps), group in _groups(rows).items()
                   if name == sampler]
         steps = [p[0] for p in points]
