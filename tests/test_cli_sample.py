@@ -1,13 +1,13 @@
 """``fastddpm sample`` and the PNG / npz writers in fastddpm.imaging."""
 import json
 import sys
-import types
 
 import numpy as np
 import pytest
 import torch
 
 from fastddpm import NoiseSchedule
+from fastddpm.checkpoint import Pretrained
 from fastddpm.cli import main
 from fastddpm.imaging import images_to_uint8, make_grid, save_image_grid, save_samples_npz
 from fastddpm.sampling import sample
@@ -110,10 +110,9 @@ def test_default_checkpoint_and_fastddpm_paths_go_through_load_pretrained(monkey
     def load_pretrained(path=None, *, device="cpu"):
         calls.append((path, torch.device(device)))
         model = _ConvIgnoringTime().to(device)
-        return types.SimpleNamespace(model=model.eval(), schedule=NoiseSchedule.linear(10), sample_shape=(3, 4, 4),
-                                     prediction_type="epsilon", variance_type="fixed_small", config={})
+        return Pretrained(model=model.eval(), schedule=NoiseSchedule.linear(10), sample_shape=(3, 4, 4))
 
-    monkeypatch.setitem(sys.modules, "fastddpm.checkpoint", types.SimpleNamespace(load_pretrained=load_pretrained))
+    monkeypatch.setattr("fastddpm.checkpoint.load_pretrained", load_pretrained)
     assert _run("--num-samples", 2, "--steps", 2, "--device", "cpu", "--out", tmp_path / "d.png") == 0
     checkpoint = tmp_path / "model.safetensors"
     checkpoint.write_bytes(b"")
@@ -127,11 +126,10 @@ def test_default_checkpoint_and_fastddpm_paths_go_through_load_pretrained(monkey
 
 def test_samples_without_an_image_mode_still_get_their_npz(monkeypatch, tmp_path, capsys):
     def load_pretrained(path=None, *, device="cpu"):
-        return types.SimpleNamespace(model=_ConvIgnoringTime(2).to(device).eval(), schedule=NoiseSchedule.linear(5),
-                                     sample_shape=(2, 3, 3), prediction_type="epsilon", variance_type="fixed_small",
-                                     config={})
+        return Pretrained(model=_ConvIgnoringTime(2).to(device).eval(), schedule=NoiseSchedule.linear(5),
+                          sample_shape=(2, 3, 3))
 
-    monkeypatch.setitem(sys.modules, "fastddpm.checkpoint", types.SimpleNamespace(load_pretrained=load_pretrained))
+    monkeypatch.setattr("fastddpm.checkpoint.load_pretrained", load_pretrained)
     assert _run("--num-samples", 2, "--out", tmp_path / "two.png") == 0
     assert np.load(tmp_path / "two.npz")["samples"].shape == (2, 2, 3, 3)
     assert not (tmp_path / "two.png").exists()

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import torch
 
 import fastddpm
 from fastddpm import NoiseSchedule, ops
-from fastddpm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fastddpm.checkpoint import CheckpointError, Pretrained, load_checkpoint, save_checkpoint
 from fastddpm.cli import COMMANDS, build_parser, main
 from fastddpm.data import Dataset
 from fastddpm.outputs import NonFiniteError, OutputError, atomic_write, check_writable
@@ -59,9 +58,8 @@ def _fake_checkpoint(monkeypatch, model=None, schedule=None):
 
     def load_pretrained(path=None, *, device="cpu"):
         calls.append(path)
-        return types.SimpleNamespace(model=(model or _Conv()).eval(), schedule=schedule or NoiseSchedule.linear(10),
-                                     sample_shape=(1, 4, 4), prediction_type="epsilon", variance_type="fixed_small",
-                                     config={"data": {"name": "digits"}}, path=Path("fake.safetensors"))
+        return Pretrained(model=(model or _Conv()).eval(), schedule=schedule or NoiseSchedule.linear(10),
+                          sample_shape=(1, 4, 4), config={"data": {"name": "digits"}}, source="fake.safetensors")
 
     monkeypatch.setattr("fastddpm.checkpoint.load_pretrained", load_pretrained)
     return calls

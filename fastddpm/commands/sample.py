@@ -1,18 +1,13 @@
 """``fastddpm sample``: draw samples from a checkpoint, write a PNG grid and the raw ``.npz``.
 
-The checkpoint is a fastddpm checkpoint (default: the shipped digits model) or a diffusers
-model directory: a ``UNet2DModel`` saved with ``save_pretrained`` (``config.json`` plus weights,
-optionally a ``scheduler_config.json`` beside it or in ``scheduler/``), or a saved
-``DDPMPipeline`` (``unet/`` and ``scheduler/``).
+The checkpoint is anything :func:`fastddpm.checkpoint.load_pretrained` reads: a fastddpm
+checkpoint (default: the shipped digits model) or a diffusers model or pipeline folder.
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Tuple
 
 import torch
 
@@ -22,33 +17,10 @@ from ..samplers import SAMPLERS
 # itself, so one batch reproduces fastddpm.sample(..., seed=seed).
 _BATCH_SEED_STRIDE = 0x9E3779B97F4A7C15
 _SEED_LIMIT = 2**63
-# diffusers' variance_type -> fastddpm's. fixed_large_log has fixed_large's standard deviation.
-_DIFFUSERS_VARIANCE_TYPES = {
-    "fixed_small": "fixed_small",
-    "fixed_small_log": "fixed_small_log",
-    "fixed_large": "fixed_large",
-    "fixed_large_log": "fixed_large",
-    "learned_range": "learned_range",
-}
 
 
 class CommandError(Exception):
     """A problem with the command's input, reported as one line and a non-zero exit."""
-
-
-@dataclass
-class LoadedModel:
-    """Everything sampling needs from a checkpoint."""
-
-    model: torch.nn.Module
-    schedule: object  # fastddpm.NoiseSchedule
-    sample_shape: Tuple[int, ...]
-    prediction_type: str = "epsilon"
-    variance_type: str = "fixed_small"
-    clip_denoised: bool = True
-    clip_range: float = 1.0
-    source: str = ""
-    notes: list = field(default_factory=list)
 
 
 def configure_parser(parser) -> None:
@@ -84,6 +56,8 @@ def _run(args) -> int:
     from fastddpm.outputs import OutputError, check_writable, save_or_rescue
     from fastddpm.sampling import sample
 
+    from .common import load_checkpoint_argument
+
     _check_args(args)
     out_path = _image_path(args.out)
     npz_path = out_path.with_suffix(".npz")
@@ -93,7 +67,10 @@ def _run(args) -> int:
     check_writable(npz_path, "--out")
 
     start = time.perf_counter()
-    loaded = load_model(args.checkpoint, device)
+    try:
+        loaded = load_checkpoint_argument(args.checkpoint, device)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
     load_seconds = time.perf_counter() - start
     for note in loaded.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -189,132 +166,3 @@ def _resolve_device(name: str) -> torch.device:
         return resolve_device(name, argument="--device")
     except ValueError as error:
         raise CommandError(str(error)) from None
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoints
-# ---------------------------------------------------------------------------------------------
-def load_model(checkpoint: Optional[str], device: torch.device) -> LoadedModel:
-    """Load a fastddpm checkpoint (None: the shipped default) or a diffusers model directory."""
-    if checkpoint is None:
-        return _load_fastddpm(None, device)
-    path = Path(checkpoint)
-    if not path.exists():
-        raise CommandError(f"--checkpoint {checkpoint}: no such file or directory")
-    if path.is_dir() and _diffusers_unet_dir(path) is not None:
-        return _load_diffusers(path, device)
-    return _load_fastddpm(path, device)
-
-
-def _load_fastddpm(path: Optional[Path], device: torch.device) -> LoadedModel:
-    try:
-        from fastddpm.checkpoint import load_pretrained
-    except ImportError as error:
-        raise CommandError(f"loading fastddpm checkpoints needs fastddpm.checkpoint, which failed to import: "
-                           f"{error}") from error
-    try:
-        pretrained = load_pretrained(None if path is None else str(path), device=device)
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
-        what = "the shipped default checkpoint" if path is None else f"--checkpoint {path}"
-        raise CommandError(f"could not load {what}: {error}") from error
-    # Clipping x_0 is a sampling choice; a checkpoint may record one in its diffusion config, else
-    # images are clipped to [-1, 1] and 2-D point sets (which span a wider range) are not.
-    diffusion = (getattr(pretrained, "config", None) or {}).get("diffusion") or {}
-    return LoadedModel(
-        model=pretrained.model, schedule=pretrained.schedule, sample_shape=tuple(pretrained.sample_shape),
-        prediction_type=pretrained.prediction_type, variance_type=pretrained.variance_type,
-        clip_denoised=bool(diffusion.get("clip_denoised", len(pretrained.sample_shape) > 1)), clip_range=float(diffusion.get("clip_range", 1.0)),
-        source="default" if path is None else str(path),
-    )
-
-
-def _diffusers_unet_dir(path: Path) -> Optional[Path]:
-    """The folder holding the UNet's config.json: ``path`` itself or a pipeline's ``unet/``."""
-    for folder in (path, path / "unet"):
-        if (folder / "config.json").is_file():
-            return folder
-    return None
-
-
-def _load_diffusers(path: Path, device: torch.device) -> LoadedModel:
-    unet_dir = _diffusers_unet_dir(path)
-    try:
-        config = json.loads((unet_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise CommandError(f"{unet_dir / 'config.json'} is not a readable JSON config: {error}") from error
-    class_name = config.get("_class_name", "UNet2DModel")
-    if class_name != "UNet2DModel":
-        raise CommandError(f"{unet_dir} holds a diffusers {class_name}; only UNet2DModel (unconditional) is supported")
-    try:
-        import diffusers
-    except ImportError as error:
-        raise CommandError("reading a diffusers-format model needs the diffusers package "
-                           "(pip install diffusers)") from error
-    try:
-        # low_cpu_mem_usage=False: the default needs the accelerate package and warns without it.
-        model = diffusers.UNet2DModel.from_pretrained(str(unet_dir), low_cpu_mem_usage=False)
-    except (OSError, ValueError, RuntimeError) as error:
-        raise CommandError(f"could not load the UNet2DModel in {unet_dir}: {error}") from error
-    model = model.to(device).eval()
-
-    sample_size = config.get("sample_size")
-    if isinstance(sample_size, int):
-        spatial = (sample_size, sample_size)
-    elif isinstance(sample_size, (list, tuple)) and len(sample_size) == 2:
-        spatial = tuple(int(size) for size in sample_size)
-    else:
-        raise CommandError(f"{unet_dir / 'config.json'} needs sample_size (an int or [H, W]), got {sample_size!r}")
-    loaded = LoadedModel(model=model, schedule=None, sample_shape=(int(config.get("in_channels", 3)), *spatial),
-                         source=str(path))
-
-    scheduler_file = _scheduler_config_file(path, unet_dir)
-    if scheduler_file is None:
-        loaded.notes.append(f"no scheduler config in {path}: using the DDPM defaults (linear betas 1e-4..0.02, "
-                            "T=1000, epsilon prediction, fixed_small variance, clipping)")
-        scheduler_config = {}
-    else:
-        try:
-            scheduler_config = json.loads(scheduler_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise CommandError(f"{scheduler_file} is not a readable JSON config: {error}") from error
-    _apply_scheduler_config(loaded, scheduler_config, scheduler_file)
-    return loaded
-
-
-def _scheduler_config_file(path: Path, unet_dir: Path) -> Optional[Path]:
-    for candidate in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json",
-                      unet_dir / "scheduler_config.json"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _apply_scheduler_config(loaded: LoadedModel, config: dict, source: Optional[Path]) -> None:
-    """Schedule, prediction and variance type, clipping from a diffusers DDPM/DDIM scheduler config."""
-    from fastddpm.schedule import NoiseSchedule, make_betas
-
-    where = str(source) if source is not None else "the scheduler defaults"
-    for unsupported in ("thresholding", "rescale_betas_zero_snr"):
-        if config.get(unsupported):
-            raise CommandError(f"{where}: {unsupported}=True is not supported by fastddpm")
-    try:
-        if config.get("trained_betas") is not None:
-            schedule = NoiseSchedule(config["trained_betas"])
-        else:
-            betas = make_betas(config.get("beta_schedule", "linear"), int(config.get("num_train_timesteps", 1000)),
-                               float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02)))
-            schedule = NoiseSchedule(betas)
-    except (ValueError, TypeError) as error:
-        raise CommandError(f"{where}: {error}") from error
-    variance_type = config.get("variance_type") or "fixed_small"
-    if variance_type not in _DIFFUSERS_VARIANCE_TYPES:
-        raise CommandError(f"{where}: variance_type {variance_type!r} is not supported; use one of "
-                           f"{tuple(_DIFFUSERS_VARIANCE_TYPES)}")
-    prediction_type = config.get("prediction_type", "epsilon")
-    if prediction_type not in ("epsilon", "sample", "v_prediction"):
-        raise CommandError(f"{where}: prediction_type {prediction_type!r} is not supported")
-    loaded.schedule = schedule
-    loaded.prediction_type = prediction_type
-    loaded.variance_type = _DIFFUSERS_VARIANCE_TYPES[variance_type]
-    loaded.clip_denoised = bool(config.get("clip_sample", True))
-    loaded.clip_range = float(config.get("clip_sample_range", 1.0))
