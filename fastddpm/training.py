@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import ops
+from . import distributed, ops
 from .checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from .data import Dataset, load_dataset
 from .devices import resolve_device
@@ -117,32 +117,6 @@ def _positive_float(name: str, value, allow_zero: bool = False) -> float:
             or value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
     return float(value)
-
-
-def _distributed_setup(device: Optional[Union[str, torch.device]]):
-    """(rank, world_size, device, created_group). Starts the process group under torchrun."""
-    import torch.distributed as dist
-
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    created = False
-    if dist.is_available() and dist.is_initialized():
-        world_size = dist.get_world_size()
-    elif world_size > 1:
-        backend = "nccl" if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda") else "gloo"
-        dist.init_process_group(backend=backend)
-        created = True
-    rank = dist.get_rank() if world_size > 1 else 0
-    if device is None:
-        if torch.cuda.is_available():
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if world_size > 1 else torch.cuda.current_device())
-        else:
-            device = torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda":
-        if device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if world_size > 1 else torch.cuda.current_device())
-        torch.cuda.set_device(device)
-    return rank, world_size, device, created
 
 
 def _amp_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
@@ -343,7 +317,7 @@ def train(
             raise ValueError(f"preset {preset!r} is for vectors [N, D], got data of sample shape {dataset.sample_shape}")
         overrides.setdefault("dim", dataset.sample_shape[0])
 
-    rank, world_size, device, created_group = _distributed_setup(device)
+    rank, world_size, device, created_group = distributed.setup(device)
     try:
         if batch_size % world_size:
             raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes {world_size}")
