@@ -61,7 +61,7 @@ def test_writes_png_grid_and_npz(unet_dir, tmp_path, capsys):
 # These compare the command with fastddpm.sample on the CPU, so the command runs there too (on a
 # GPU machine its default device would be CUDA: TF32 convolutions and fast-math noise, which
 # test_sampling's CUDA tests compare with the CPU at the tolerance that follows from them).
-def test_cli_samples_are_fastddpm_sample_with_the_batch_seed(unet_dir, tiny_unet, tmp_path):
+def test_cli_samples_are_fastddpm_sample_at_their_global_index(unet_dir, tiny_unet, tmp_path):
     out = tmp_path / "s.png"
     assert _run("--checkpoint", unet_dir, "--num-samples", 3, "--steps", 4, "--batch-size", 2, "--seed", 9,
                 "--device", "cpu", "--out", out) == 0
@@ -69,7 +69,10 @@ def test_cli_samples_are_fastddpm_sample_with_the_batch_seed(unet_dir, tiny_unet
     schedule = NoiseSchedule.linear(T_TRAIN, beta_end=0.2)
     first_batch = sample(tiny_unet, (2, 1, 8, 8), schedule=schedule, num_steps=4, seed=9, progress=False)
     np.testing.assert_allclose(got[:2], first_batch.numpy(), atol=1e-5)
-    # The next batch is seeded differently.
+    # The second batch starts at sample 2 of the same seed's stream, not at another seed.
+    second_batch = sample(tiny_unet, (1, 1, 8, 8), schedule=schedule, num_steps=4, seed=9, first_index=2,
+                          progress=False)
+    np.testing.assert_allclose(got[2:], second_batch.numpy(), atol=1e-5)
     assert not np.allclose(got[2], got[0], atol=1e-3)
 
     again = tmp_path / "again.png"

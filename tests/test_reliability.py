@@ -455,7 +455,7 @@ def test_one_progress_flag_everywhere_and_eval_shows_progress_by_default():
         options = {option for action in commands[name]._actions for option in action.option_strings}
         assert "--no-progress" in options and "--progress" not in options, name
     assert commands["eval"].parse_args([]).progress is True
-    assert set(COMMANDS) == {"sample", "train", "eval", "demo"}
+    assert set(COMMANDS) == {"sample", "train", "eval", "merge", "demo"}
 
 
 def test_train_help_shows_the_preset_defaults(capsys):
