@@ -26,9 +26,10 @@ pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 T_TRAIN = 20
 SCHEDULE = dict(num_train_timesteps=T_TRAIN, beta_end=0.2)
-# Samples lie in [-1, 1]; measured on this CPU: <= 8e-7 for the tiny UNet over 20 steps, <= 4e-6
-# for the shipped digits model over 100 steps (README, "Sampling at scale").
-BOUND = 1e-5
+# The stated bound (README, "Sampling at scale"): samples lie in [-1, 1]; on this CPU the largest
+# difference measured between batch sizes was 2.7e-5 (digits model, DDIM 50 steps), 8e-7 for the
+# tiny UNet here. A sample drawn with the wrong noise differs by O(1).
+BOUND = 5e-5
 
 
 @pytest.fixture(scope="module")
