@@ -9,9 +9,14 @@ folder, synced and renamed over the target, so a crash never leaves a partial ch
 
 A *pretrained* checkpoint (what ships in ``fastddpm/assets/``) holds only ``ema.*``,
 ``schedule.betas`` and the config.
+
+:func:`load_pretrained` is the one loader of a model to sample from, used by every command: it
+reads a fastddpm checkpoint or a diffusers folder (a ``UNet2DModel`` saved with
+``save_pretrained``, or a saved ``DDPMPipeline``) into one :class:`Pretrained`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -19,7 +24,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -30,7 +35,8 @@ from .schedule import NoiseSchedule
 
 __all__ = [
     "CheckpointError", "Checkpoint", "Pretrained", "save_checkpoint", "load_checkpoint", "load_pretrained",
-    "load_state_into", "capture_rng_state", "restore_rng_state", "default_pretrained_path", "FORMAT",
+    "load_state_into", "capture_rng_state", "restore_rng_state", "default_pretrained_path", "checksum_files",
+    "FORMAT",
 ]
 
 FORMAT = "fastddpm-checkpoint"
@@ -61,16 +67,29 @@ class Checkpoint:
 
 @dataclass
 class Pretrained:
-    """A model ready to sample from, with what a sampler needs to know about it."""
+    """A model ready to sample from, with what a sampler needs to know about it.
+
+    The same type for a fastddpm checkpoint (``kind="fastddpm"``) and a diffusers folder
+    (``kind="diffusers"``). ``source`` is the checkpoint's path as a string (the shipped file's
+    path for the default); ``notes`` are things a command should tell its user (e.g. that a
+    diffusers folder had no scheduler config); ``checksum`` is ``"sha256:<hex>"`` of the files the
+    model was read from (:func:`checksum_files`); ``config`` is the fastddpm checkpoint's config,
+    or ``{"unet": ..., "scheduler": ...}`` for a diffusers folder."""
 
     model: nn.Module
     schedule: NoiseSchedule
     sample_shape: Tuple[int, ...]
-    prediction_type: str
-    variance_type: str
-    config: Dict[str, Any]
-    path: Optional[Path] = None
+    prediction_type: str = "epsilon"
+    variance_type: str = "fixed_small"
+    clip_denoised: bool = True
+    clip_range: float = 1.0
+    config: Dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+    kind: str = "fastddpm"
+    notes: List[str] = field(default_factory=list)
     step: int = 0
+    path: Optional[Path] = None
+    checksum: str = ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,17 +392,57 @@ def default_pretrained_path() -> Path:
 
 
 def load_pretrained(path: Optional[PathLike] = None, *, device: Union[str, torch.device] = "cpu") -> Pretrained:
-    """A model in eval mode with EMA weights (model weights if the file has no EMA), ready for
-    ``model(x, t)``. ``path=None`` loads the digits model shipped in ``fastddpm/assets/``."""
+    """The one loader of a model to sample from: a model in eval mode on ``device`` with its
+    schedule, sample shape, prediction / variance type and clipping (:class:`Pretrained`).
+
+    ``path`` is a fastddpm checkpoint file (its EMA weights, or its model weights if it has no
+    EMA), a folder holding a diffusers ``UNet2DModel`` (``config.json`` plus weights, optionally
+    a ``scheduler_config.json`` beside it or in ``scheduler/``) or a saved ``DDPMPipeline``
+    (``unet/`` and ``scheduler/``); ``None`` loads the digits model shipped in
+    ``fastddpm/assets/``. Raises ``FileNotFoundError`` for a missing path and
+    :class:`CheckpointError` for anything it cannot use.
+    """
     from .devices import resolve_device
-    from .models import model_from_config
 
     device = resolve_device(device, argument="device")
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint {str(path)!r}: no such file or directory")
+        if path.is_dir():
+            unet_dir = _diffusers_unet_dir(path)
+            if unet_dir is None:
+                raise CheckpointError(f"checkpoint {str(path)!r} is a folder without a diffusers model in it "
+                                      "(config.json or unet/config.json); give a fastddpm .safetensors file or a "
+                                      "diffusers UNet2DModel / DDPMPipeline folder")
+            return _load_diffusers(path, unet_dir, device)
     with ExitStack() as stack:
         if path is None:
             path = stack.enter_context(resources.as_file(resources.files("fastddpm").joinpath("assets", DEFAULT_ASSET)))
-        checkpoint = load_checkpoint(path, device="cpu")
-        path = Path(path)
+        pretrained = _load_fastddpm(Path(path))
+        pretrained.checksum = checksum_files([Path(path)], Path(path).parent)
+    pretrained.model.to(device)
+    return pretrained
+
+
+def checksum_files(files, root: Path) -> str:
+    """``"sha256:<hex>"`` over ``files`` in order: each one's path relative to ``root``, its size
+    and its bytes. Identifies the checkpoint a run of samples came from."""
+    digest = hashlib.sha256()
+    for file in files:
+        file = Path(file)
+        name = file.relative_to(root).as_posix().encode()
+        digest.update(len(name).to_bytes(8, "little") + name + file.stat().st_size.to_bytes(8, "little"))
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def _load_fastddpm(path: Path) -> Pretrained:
+    from .models import model_from_config
+
+    checkpoint = load_checkpoint(path, device="cpu")
     config = checkpoint.config
     for key in ("model", "diffusion", "sample_shape"):
         if key not in config:
@@ -396,15 +455,149 @@ def load_pretrained(path: Optional[PathLike] = None, *, device: Union[str, torch
     if state is None:
         raise CheckpointError(f"checkpoint {str(path)!r} holds no weights")
     load_state_into(model, state, path, "EMA" if checkpoint.ema_state is not None else "model")
-    model.eval().requires_grad_(False).to(device)
+    model.eval().requires_grad_(False)
     diffusion = config["diffusion"]
+    sample_shape = tuple(int(s) for s in config["sample_shape"])
+    # Clipping x_0 is a sampling choice; a checkpoint may record one in its diffusion config, else
+    # images are clipped to [-1, 1] and 2-D point sets (which span a wider range) are not.
     return Pretrained(
         model=model,
         schedule=checkpoint.schedule,
-        sample_shape=tuple(int(s) for s in config["sample_shape"]),
+        sample_shape=sample_shape,
         prediction_type=diffusion.get("prediction_type", "epsilon"),
         variance_type=diffusion.get("variance_type", "fixed_small"),
+        clip_denoised=bool(diffusion.get("clip_denoised", len(sample_shape) > 1)),
+        clip_range=float(diffusion.get("clip_range", 1.0)),
         config=config,
-        path=path,
+        source=str(path),
+        kind="fastddpm",
         step=checkpoint.step,
+        path=path,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers folders
+# ---------------------------------------------------------------------------------------------
+def _diffusers_unet_dir(path: Path) -> Optional[Path]:
+    """The folder holding the UNet's config.json: ``path`` itself or a pipeline's ``unet/``."""
+    for folder in (path, path / "unet"):
+        if (folder / "config.json").is_file():
+            return folder
+    return None
+
+
+def _scheduler_config_file(path: Path, unet_dir: Path) -> Optional[Path]:
+    for candidate in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json",
+                      unet_dir / "scheduler_config.json"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _read_json(file: Path) -> Dict[str, Any]:
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{str(file)!r} is not a readable JSON config: {error}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{str(file)!r} is not a JSON object")
+    return config
+
+
+def _load_diffusers(path: Path, unet_dir: Path, device: torch.device) -> Pretrained:
+    config = _read_json(unet_dir / "config.json")
+    class_name = config.get("_class_name", "UNet2DModel")
+    if class_name != "UNet2DModel":
+        raise CheckpointError(f"{str(unet_dir)!r} holds a diffusers {class_name}; only UNet2DModel "
+                              "(unconditional) is supported")
+    sample_size = config.get("sample_size")
+    if isinstance(sample_size, int) and not isinstance(sample_size, bool):
+        spatial = (sample_size, sample_size)
+    elif isinstance(sample_size, (list, tuple)) and len(sample_size) == 2:
+        spatial = tuple(int(size) for size in sample_size)
+    else:
+        raise CheckpointError(f"{str(unet_dir / 'config.json')!r} needs sample_size (an int or [H, W]), "
+                              f"got {sample_size!r}")
+    scheduler_file = _scheduler_config_file(path, unet_dir)
+    notes = []
+    if scheduler_file is None:
+        notes.append(f"no scheduler config in {path}: using the DDPM defaults (linear betas 1e-4..0.02, "
+                     "T=1000, epsilon prediction, fixed_small variance, clipping)")
+        scheduler_config: Dict[str, Any] = {}
+    else:
+        scheduler_config = _read_json(scheduler_file)
+    # The scheduler config first: it is small, and an unsupported one should fail before the weights load.
+    sampling = _sampling_from_diffusers_scheduler_config(
+        scheduler_config, str(scheduler_file) if scheduler_file is not None else "the scheduler defaults")
+    try:
+        import diffusers
+    except ImportError:
+        raise CheckpointError("reading a diffusers-format model needs the diffusers package "
+                              "(pip install diffusers)") from None
+    try:
+        # low_cpu_mem_usage=False: the default needs the accelerate package and warns without it.
+        model = diffusers.UNet2DModel.from_pretrained(str(unet_dir), low_cpu_mem_usage=False)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"could not load the UNet2DModel in {str(unet_dir)!r}: {error}") from None
+    model = model.to(device).eval().requires_grad_(False)
+    files = sorted(file for file in unet_dir.iterdir() if file.is_file() and not file.name.startswith("."))
+    if scheduler_file is not None and scheduler_file not in files:
+        files.append(scheduler_file)
+    return Pretrained(
+        model=model,
+        sample_shape=(int(config.get("in_channels", 3)), *spatial),
+        config={"unet": config, "scheduler": scheduler_config},
+        source=str(path),
+        kind="diffusers",
+        notes=notes,
+        path=path,
+        checksum=checksum_files(files, path),
+        **sampling,
+    )
+
+
+# diffusers' variance_type -> fastddpm's. fixed_large_log has fixed_large's standard deviation.
+_DIFFUSERS_VARIANCE_TYPES = {
+    "fixed_small": "fixed_small",
+    "fixed_small_log": "fixed_small_log",
+    "fixed_large": "fixed_large",
+    "fixed_large_log": "fixed_large",
+    "learned_range": "learned_range",
+}
+
+
+def _sampling_from_diffusers_scheduler_config(config: Dict[str, Any], where: str) -> Dict[str, Any]:
+    """Schedule, prediction and variance type and clipping from a diffusers DDPM/DDIM scheduler
+    config, as :class:`Pretrained` fields; refuses what fastddpm does not support.
+
+    The one place that reads a diffusers scheduler config. The branch that makes
+    ``fastddpm/schedulers.py`` subclasses of diffusers' schedulers will provide the diffusers
+    config -> NoiseSchedule conversion; this function should then call it instead.
+    """
+    from .schedule import make_betas
+    from .step import PREDICTION_TYPES
+
+    for unsupported in ("thresholding", "rescale_betas_zero_snr"):
+        if config.get(unsupported):
+            raise CheckpointError(f"{where}: {unsupported}=True is not supported by fastddpm")
+    try:
+        if config.get("trained_betas") is not None:
+            schedule = NoiseSchedule(config["trained_betas"])
+        else:
+            betas = make_betas(config.get("beta_schedule", "linear"), int(config.get("num_train_timesteps", 1000)),
+                               float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02)))
+            schedule = NoiseSchedule(betas)
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{where}: {error}") from None
+    variance_type = config.get("variance_type") or "fixed_small"
+    if variance_type not in _DIFFUSERS_VARIANCE_TYPES:
+        raise CheckpointError(f"{where}: variance_type {variance_type!r} is not supported; use one of "
+                              f"{tuple(_DIFFUSERS_VARIANCE_TYPES)}")
+    prediction_type = config.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        raise CheckpointError(f"{where}: prediction_type {prediction_type!r} is not supported")
+    return dict(schedule=schedule, prediction_type=prediction_type,
+                variance_type=_DIFFUSERS_VARIANCE_TYPES[variance_type],
+                clip_denoised=bool(config.get("clip_sample", True)),
+                clip_range=float(config.get("clip_sample_range", 1.0)))

@@ -13,8 +13,9 @@ from typing import Optional, Sequence
 # command -> (module, one-line help)
 COMMANDS = {
     "sample": ("fastddpm.commands.sample", "draw samples from a checkpoint (default: the shipped digits model)"),
-    "train": ("fastddpm.training", "train a model with L_simple (or the hybrid loss)"),
-    "eval": ("fastddpm.evaluation", "bits/dim bound and sample-quality metrics of a checkpoint"),
+    "train": ("fastddpm.commands.train", "train a model with L_simple (or the hybrid loss)"),
+    "eval": ("fastddpm.commands.eval", "bits/dim bound and sample-quality metrics of a checkpoint"),
+    "merge": ("fastddpm.commands.merge", "join the chunks of a finished sample --out DIR run into one .npz and a grid"),
     "demo": ("fastddpm.commands.demo", "run the per-step kernels (or their CPU reference) on random data"),
 }
 

@@ -1,4 +1,5 @@
-"""Evaluation: the DDPM variational bound in bits/dim, sample-quality metrics, ``fastddpm eval``.
+"""Evaluation: the DDPM variational bound in bits/dim and sample-quality metrics (the command
+``fastddpm eval`` is in :mod:`fastddpm.commands.eval`).
 
 The bound is the paper's (Ho et al. 2020, eq. 5) for the discrete data x_0:
 
@@ -14,19 +15,15 @@ expectation over x_t is one Monte Carlo draw per (image, t), from a Philox strea
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import sys
 import time
-from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict
 
 import torch
 
 from . import reference
 from .losses import discretized_gaussian_log_likelihood, normal_kl, p_mean_variance, posterior_mean_variance
 from .outputs import require_finite
-from .samplers import SAMPLERS
 from .schedule import NoiseSchedule
 from .step import PREDICTION_TYPES, VARIANCE_TYPES, check_choice
 
@@ -37,8 +34,6 @@ __all__ = [
     "snap_to_8bit",
     "evaluate_digit_samples",
     "evaluate_toy_samples",
-    "configure_parser",
-    "run",
 ]
 
 NUM_BINS = 256  # the decoder's bins: x_0 is treated as 8-bit data scaled to [-1, 1]
@@ -96,7 +91,11 @@ def _model_device_dtype(model, x0: torch.Tensor):
 
 
 def _call_model(model, x_t: torch.Tensor, model_t: torch.Tensor, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
-    outputs = [model(x.to(dtype), t) for x, t in zip(x_t.split(batch_size), model_t.split(batch_size))]
+    """The model's outputs for (x_t, t) in calls of ``batch_size``; a diffusers output's ``.sample``."""
+    outputs = []
+    for x, t in zip(x_t.split(batch_size), model_t.split(batch_size)):
+        output = model(x.to(dtype), t)
+        outputs.append(output if isinstance(output, torch.Tensor) else output.sample)
     return torch.cat(outputs).to(torch.float64)
 
 
@@ -122,7 +121,8 @@ def variational_bound(
 
     ``model(x_t, t)`` is called with the trained timesteps ``schedule.timesteps[i]`` (so a
     respaced schedule gives the bound of the shorter chain); it returns the prediction named by
-    ``prediction_type``, followed along dim 1 by the variance channels for learned variances.
+    ``prediction_type`` (a tensor, or an object with a ``.sample`` tensor such as a diffusers
+    ``UNet2DModel``'s output), followed along dim 1 by the variance channels for learned variances.
     The reverse mean is the posterior mean at the predicted x_0 (clipped to [-1, 1] with
     ``clip_denoised``, as in sampling). Mean and variance of every reverse step come from
     :func:`fastddpm.losses.p_mean_variance`, the decoder's included: for ``fixed_small`` its
@@ -302,204 +302,3 @@ def evaluate_toy_samples(samples: torch.Tensor, name: str, *, seed: int = 0,
         energy_distance_floor=energy_distance(other_points, reference_points),
         num_samples=int(n),
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# fastddpm eval
-# ---------------------------------------------------------------------------------------------
-_DIGITS = "digits"
-
-
-def configure_parser(parser) -> None:
-    import argparse
-
-    parser.add_argument("--checkpoint", default=None, help="checkpoint file (default: the shipped digits model)")
-    parser.add_argument("--data", default=None,
-                        help="digits, moons, swiss_roll or 8gaussians (default: the checkpoint's training data)")
-    parser.add_argument("--num-samples", type=int, default=300,
-                        help="samples to draw for the quality metrics; 0 skips them (default 300)")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the full chain)")
-    parser.add_argument("--sampler", choices=tuple(SAMPLERS), default="ddpm", help="default ddpm")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale (default 0)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of sampling, the bound and the floors (default 0)")
-    parser.add_argument("--clip-denoised", action=argparse.BooleanOptionalAction, default=None,
-                        help="clip the predicted x_0 to [-1, 1] (default: the checkpoint's diffusion config, else "
-                             "on for images and off for 2-D points, whose data extend beyond [-1, 1])")
-    parser.add_argument("--bound", action=argparse.BooleanOptionalAction, default=True,
-                        help="compute the bits/dim bound on the held-out digits (default on; images only)")
-    parser.add_argument("--bound-images", type=int, default=None,
-                        help="held-out images in the bound (default all 300)")
-    parser.add_argument("--batch-size", type=int, default=2048, help="(image, t) pairs per model call in the bound")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--classifier-cache", default=None,
-                        help="folder caching the digit classifier (default $FASTDDPM_CACHE or ~/.cache/fastddpm)")
-    parser.add_argument("--json", dest="json_path", default=None, help="write every number to this JSON file")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
-
-
-def _data_name(config: Dict[str, Any]) -> Optional[str]:
-    data = config.get("data")
-    if isinstance(data, dict):
-        data = data.get("name") or data.get("data") or data.get("dataset")
-    return data if isinstance(data, str) else None
-
-
-def _check_args(args) -> None:
-    from .data import TOY2D_NAMES
-
-    if args.data is not None and args.data not in (_DIGITS,) + tuple(TOY2D_NAMES):
-        raise ValueError(f"--data must be one of {(_DIGITS,) + tuple(TOY2D_NAMES)}, got {args.data!r}")
-    if args.num_samples < 0 or args.num_samples == 1:
-        raise ValueError(f"--num-samples must be 0 (skip) or >= 2, got {args.num_samples}")
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    if args.eta < 0:
-        raise ValueError(f"--eta must be >= 0, got {args.eta}")
-    if args.eta > 0 and args.sampler != "ddim":
-        raise ValueError("--eta applies to --sampler ddim only")
-    if args.seed < 0:
-        raise ValueError(f"--seed must be >= 0, got {args.seed}")
-    if args.bound_images is not None and args.bound_images < 1:
-        raise ValueError(f"--bound-images must be >= 1, got {args.bound_images}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-
-
-def _print_report(report: Dict[str, Any]) -> None:
-    rows: List[tuple] = [("checkpoint", report["checkpoint"]), ("data", report["data"])]
-    quality = report.get("quality")
-    if quality is not None:
-        rows.append(("sampler", f"{report['sampler']}, {report['steps']} steps"
-                     + (f", eta {report['eta']}" if report["sampler"] == "ddim" else "")
-                     + f", seed {report['seed']}, {report['sample_seconds']:.1f} s"))
-        if report["data"] == _DIGITS:
-            rows += [
-                ("FD (samples vs held-out)",
-                 f"{quality['fd']:.2f}  ({quality['num_samples']} vs {quality['num_heldout']})"),
-                ("FD floor (train vs held-out)",
-                 f"{quality['fd_floor']:.2f}  ({quality['floor_size']} vs {quality['num_heldout']})"),
-                ("class histogram 0..9", " ".join(str(c) for c in quality["class_histogram"])),
-                ("mean max-probability", f"{quality['mean_max_probability']:.3f}  (held-out: "
-                                         f"{quality['heldout_mean_max_probability']:.3f})"),
-                ("classifier held-out accuracy", f"{quality['heldout_accuracy']:.3f}"),
-            ]
-        else:
-            rows += [
-                ("sliced Wasserstein-2",
-                 f"{quality['sliced_wasserstein']:.4f}  (floor {quality['sliced_wasserstein_floor']:.4f})"),
-                ("energy distance",
-                 f"{quality['energy_distance']:.5f}  (floor {quality['energy_distance_floor']:.5f})"),
-            ]
-    bound = report.get("bound")
-    if bound is not None:
-        rows += [
-            ("bits/dim (bound)", f"{bound['bits_per_dim']:.4f}  ({bound['num_images']} held-out images, "
-                                 f"{bound['seconds']:.0f} s)"),
-            ("  L_T (prior)", f"{bound['prior']:.6f}"),
-            ("  sum of L_1..L_{T-1}", f"{bound['diffusion']:.4f}"),
-            ("  L_0 (decoder)", f"{bound['decoder']:.4f}"),
-        ]
-    elif report.get("bound_note"):
-        rows.append(("bits/dim (bound)", report["bound_note"]))
-    width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
-
-
-def run(args) -> int:
-    """``fastddpm eval``: sample-quality metrics and the bound of a checkpoint; prints a table.
-
-    Returns 0, or 2 after printing the error for bad arguments or an unusable checkpoint.
-    """
-    try:
-        return _run(args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        print(f"fastddpm eval: error: {error}", file=sys.stderr)
-        return 2
-
-
-def _run(args) -> int:
-    _check_args(args)
-    import fastddpm
-    from .checkpoint import load_pretrained
-    from .devices import resolve_device
-    from .outputs import check_writable
-
-    device = resolve_device(args.device, argument="--device")
-    if args.json_path:  # before any work: the report must have somewhere to go
-        check_writable(args.json_path, "--json")
-    pretrained = load_pretrained(args.checkpoint, device=device)
-    data = args.data or _data_name(pretrained.config) or _DIGITS
-    is_image = len(pretrained.sample_shape) == 3
-    if data == _DIGITS and not (is_image and pretrained.sample_shape[0] == 1):
-        raise ValueError(f"--data digits needs a model of 1-channel images, this one makes {pretrained.sample_shape}")
-    if data != _DIGITS and tuple(pretrained.sample_shape) != (2,):
-        raise ValueError(f"--data {data} needs a model of 2-D points, this one makes {pretrained.sample_shape}")
-    steps = args.steps if args.steps is not None else pretrained.schedule.num_timesteps
-    diffusion = pretrained.config.get("diffusion") or {}
-    clip_denoised = args.clip_denoised
-    if clip_denoised is None:
-        clip_denoised = bool(diffusion.get("clip_denoised", is_image))
-    clip_range = float(diffusion.get("clip_range", 1.0))
-    report: Dict[str, Any] = dict(
-        checkpoint=str(pretrained.path) if args.checkpoint is None else str(args.checkpoint),
-        data=data, sampler=args.sampler, steps=steps, eta=args.eta, seed=args.seed,
-        prediction_type=pretrained.prediction_type, variance_type=pretrained.variance_type,
-        clip_denoised=clip_denoised, num_timesteps=pretrained.schedule.num_timesteps, device=str(device),
-        command="fastddpm eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else None,
-    )
-
-    if args.num_samples > 0 and data == _DIGITS:
-        _check_classifier_cache(args.classifier_cache, pretrained.sample_shape[-1])
-    if args.num_samples > 0:
-        started = time.perf_counter()
-        samples = fastddpm.sample(
-            pretrained.model, (args.num_samples,) + tuple(pretrained.sample_shape), schedule=pretrained.schedule,
-            num_steps=steps, sampler=args.sampler, eta=args.eta, prediction_type=pretrained.prediction_type,
-            variance_type=pretrained.variance_type, clip_denoised=clip_denoised, clip_range=clip_range,
-            seed=args.seed, device=device, progress=args.progress)
-        report["sample_seconds"] = time.perf_counter() - started
-        if data == _DIGITS:
-            report["quality"] = evaluate_digit_samples(samples, seed=args.seed, cache_dir=args.classifier_cache)
-        else:
-            report["quality"] = evaluate_toy_samples(samples, data, seed=args.seed)
-
-    if args.bound and data == _DIGITS:
-        from .data import load_digits
-
-        heldout, _ = load_digits("test", image_size=pretrained.sample_shape[-1])
-        if args.bound_images is not None:
-            heldout = heldout[: args.bound_images]
-        result = variational_bound(
-            pretrained.model, heldout.to(device), pretrained.schedule, prediction_type=pretrained.prediction_type,
-            variance_type=pretrained.variance_type, clip_denoised=clip_denoised, seed=args.seed,
-            batch_size=args.batch_size, progress=args.progress)
-        report["bound"] = result.to_dict()
-    elif args.bound:
-        report["bound_note"] = "n/a: the discretized decoder needs 8-bit image data"
-
-    _print_report(report)
-    if args.json_path:
-        from .outputs import atomic_write, save_or_rescue
-
-        text = json.dumps(report, indent=1)
-
-        def write(path):
-            return atomic_write(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
-
-        save_or_rescue(write, args.json_path, argument="--json", what="the report")
-        print(f"wrote {args.json_path}")
-    return 0
-
-
-def _check_classifier_cache(cache_dir, image_size: int) -> None:
-    """Before sampling: the digit classifier is either cached already or its cache can be written."""
-    from .data import load_digits
-    from .metrics import digit_classifier_cache_path
-    from .outputs import check_writable
-
-    images, labels = load_digits("train", image_size=image_size)
-    path = digit_classifier_cache_path(cache_dir, images=images, labels=labels)
-    if not path.is_file():
-        default = " (default $FASTDDPM_CACHE or ~/.cache/fastddpm)" if cache_dir is None else ""
-        check_writable(path, f"--classifier-cache{default}")

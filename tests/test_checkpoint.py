@@ -184,3 +184,69 @@ def test_shipped_digits_checkpoint_loads_small_and_denoises_held_out_digits():
         predicted = pretrained.model(x_t, t)
     assert predicted.shape == images.shape
     assert (predicted - noise).pow(2).mean() < 0.3
+
+
+# ---------------------------------------------------------------------------------------------
+# one loader: diffusers folders
+# ---------------------------------------------------------------------------------------------
+def test_load_pretrained_reads_a_diffusers_model_folder_and_a_pipeline(tiny_unet, tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    folder = tmp_path / "unet"
+    tiny_unet.save_pretrained(folder)
+    diffusers.DDPMScheduler(num_train_timesteps=30, beta_end=0.1, prediction_type="v_prediction",
+                            variance_type="fixed_large_log", clip_sample_range=2.0).save_config(folder)
+    pretrained = load_pretrained(folder)
+    assert pretrained.kind == "diffusers" and pretrained.source == str(folder) and pretrained.notes == []
+    assert pretrained.sample_shape == (1, 8, 8)
+    assert pretrained.prediction_type == "v_prediction" and pretrained.variance_type == "fixed_large"
+    assert pretrained.clip_denoised is True and pretrained.clip_range == 2.0
+    assert torch.equal(pretrained.schedule.betas, NoiseSchedule.linear(30, beta_end=0.1).betas)
+    loaded_state, saved_state = pretrained.model.state_dict(), tiny_unet.state_dict()
+    assert loaded_state.keys() == saved_state.keys()
+    assert all(torch.equal(loaded_state[key], saved_state[key]) for key in saved_state)
+    assert not pretrained.model.training
+    assert pretrained.checksum.startswith("sha256:") and load_pretrained(folder).checksum == pretrained.checksum
+
+    # A pipeline folder (unet/ + scheduler/); without a scheduler config, DDPM's defaults and a note.
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=40, clip_sample=False)
+    diffusers.DDPMPipeline(unet=tiny_unet, scheduler=scheduler).save_pretrained(tmp_path / "pipe")
+    pipe = load_pretrained(tmp_path / "pipe")
+    assert pipe.schedule.num_timesteps == 40 and pipe.clip_denoised is False
+    bare = tmp_path / "bare"
+    tiny_unet.save_pretrained(bare)
+    defaults = load_pretrained(bare)
+    assert defaults.schedule.num_timesteps == 1000 and "no scheduler config" in defaults.notes[0]
+    assert len({pretrained.checksum, pipe.checksum, defaults.checksum}) == 3
+
+    # Other weights in the same folder layout: another checksum.
+    other = tmp_path / "other"
+    torch.manual_seed(1)
+    type(tiny_unet)(**tiny_unet.config).save_pretrained(other)
+    (other / "scheduler_config.json").write_bytes((folder / "scheduler_config.json").read_bytes())
+    assert load_pretrained(other).checksum != pretrained.checksum
+
+
+def test_load_pretrained_refuses_unusable_folders_and_paths(tiny_unet, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_pretrained(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="without a diffusers model"):
+        load_pretrained(tmp_path / "empty")
+    folder = tmp_path / "thresholded"
+    tiny_unet.save_pretrained(folder)
+    (folder / "scheduler_config.json").write_text('{"thresholding": true}')
+    with pytest.raises(CheckpointError, match="thresholding=True is not supported"):
+        load_pretrained(folder)
+
+
+def test_the_fastddpm_checkpoint_checksum_is_the_files_sha256(tmp_path):
+    import hashlib
+
+    model, optimizer, ema, config = _trained_state()
+    path = save_checkpoint(tmp_path / "c.safetensors", config=config, schedule=NoiseSchedule.linear(20), ema=ema.module)
+    pretrained = load_pretrained(path)
+    assert pretrained.kind == "fastddpm" and pretrained.clip_denoised is True
+    digest = hashlib.sha256()
+    name = b"c.safetensors"
+    digest.update(len(name).to_bytes(8, "little") + name + path.stat().st_size.to_bytes(8, "little") + path.read_bytes())
+    assert pretrained.checksum == "sha256:" + digest.hexdigest()

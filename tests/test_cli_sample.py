@@ -1,13 +1,13 @@
 """``fastddpm sample`` and the PNG / npz writers in fastddpm.imaging."""
 import json
 import sys
-import types
 
 import numpy as np
 import pytest
 import torch
 
 from fastddpm import NoiseSchedule
+from fastddpm.checkpoint import Pretrained
 from fastddpm.cli import main
 from fastddpm.imaging import images_to_uint8, make_grid, save_image_grid, save_samples_npz
 from fastddpm.sampling import sample
@@ -61,7 +61,7 @@ def test_writes_png_grid_and_npz(unet_dir, tmp_path, capsys):
 # These compare the command with fastddpm.sample on the CPU, so the command runs there too (on a
 # GPU machine its default device would be CUDA: TF32 convolutions and fast-math noise, which
 # test_sampling's CUDA tests compare with the CPU at the tolerance that follows from them).
-def test_cli_samples_are_fastddpm_sample_with_the_batch_seed(unet_dir, tiny_unet, tmp_path):
+def test_cli_samples_are_fastddpm_sample_at_their_global_index(unet_dir, tiny_unet, tmp_path):
     out = tmp_path / "s.png"
     assert _run("--checkpoint", unet_dir, "--num-samples", 3, "--steps", 4, "--batch-size", 2, "--seed", 9,
                 "--device", "cpu", "--out", out) == 0
@@ -69,7 +69,10 @@ def test_cli_samples_are_fastddpm_sample_with_the_batch_seed(unet_dir, tiny_unet
     schedule = NoiseSchedule.linear(T_TRAIN, beta_end=0.2)
     first_batch = sample(tiny_unet, (2, 1, 8, 8), schedule=schedule, num_steps=4, seed=9, progress=False)
     np.testing.assert_allclose(got[:2], first_batch.numpy(), atol=1e-5)
-    # The next batch is seeded differently.
+    # The second batch starts at sample 2 of the same seed's stream, not at another seed.
+    second_batch = sample(tiny_unet, (1, 1, 8, 8), schedule=schedule, num_steps=4, seed=9, first_index=2,
+                          progress=False)
+    np.testing.assert_allclose(got[2:], second_batch.numpy(), atol=1e-5)
     assert not np.allclose(got[2], got[0], atol=1e-3)
 
     again = tmp_path / "again.png"
@@ -110,10 +113,9 @@ def test_default_checkpoint_and_fastddpm_paths_go_through_load_pretrained(monkey
     def load_pretrained(path=None, *, device="cpu"):
         calls.append((path, torch.device(device)))
         model = _ConvIgnoringTime().to(device)
-        return types.SimpleNamespace(model=model.eval(), schedule=NoiseSchedule.linear(10), sample_shape=(3, 4, 4),
-                                     prediction_type="epsilon", variance_type="fixed_small", config={})
+        return Pretrained(model=model.eval(), schedule=NoiseSchedule.linear(10), sample_shape=(3, 4, 4))
 
-    monkeypatch.setitem(sys.modules, "fastddpm.checkpoint", types.SimpleNamespace(load_pretrained=load_pretrained))
+    monkeypatch.setattr("fastddpm.checkpoint.load_pretrained", load_pretrained)
     assert _run("--num-samples", 2, "--steps", 2, "--device", "cpu", "--out", tmp_path / "d.png") == 0
     checkpoint = tmp_path / "model.safetensors"
     checkpoint.write_bytes(b"")
@@ -127,11 +129,10 @@ def test_default_checkpoint_and_fastddpm_paths_go_through_load_pretrained(monkey
 
 def test_samples_without_an_image_mode_still_get_their_npz(monkeypatch, tmp_path, capsys):
     def load_pretrained(path=None, *, device="cpu"):
-        return types.SimpleNamespace(model=_ConvIgnoringTime(2).to(device).eval(), schedule=NoiseSchedule.linear(5),
-                                     sample_shape=(2, 3, 3), prediction_type="epsilon", variance_type="fixed_small",
-                                     config={})
+        return Pretrained(model=_ConvIgnoringTime(2).to(device).eval(), schedule=NoiseSchedule.linear(5),
+                          sample_shape=(2, 3, 3))
 
-    monkeypatch.setitem(sys.modules, "fastddpm.checkpoint", types.SimpleNamespace(load_pretrained=load_pretrained))
+    monkeypatch.setattr("fastddpm.checkpoint.load_pretrained", load_pretrained)
     assert _run("--num-samples", 2, "--out", tmp_path / "two.png") == 0
     assert np.load(tmp_path / "two.npz")["samples"].shape == (2, 2, 3, 3)
     assert not (tmp_path / "two.png").exists()

@@ -351,3 +351,27 @@ def test_eval_command_on_a_toy_model_and_bad_arguments(tmp_path, capsys):
         assert message in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(tmp_path / "missing.safetensors")]) == 2
     assert "missing.safetensors" in capsys.readouterr().err
+
+
+def test_eval_command_reads_a_diffusers_folder(tiny_unet, tmp_path, tmp_path_factory, monkeypatch, capsys):
+    """``--checkpoint`` takes a diffusers folder in eval as in sample: the same loader."""
+    diffusers = pytest.importorskip("diffusers")
+    from fastddpm.cli import main
+    from fastddpm.data import load_digits
+
+    monkeypatch.setenv("FASTDDPM_CACHE", str(tmp_path_factory.getbasetemp() / "fastddpm-classifier-cache"))
+    folder = tmp_path / "unet"
+    tiny_unet.save_pretrained(folder)
+    diffusers.DDPMScheduler(num_train_timesteps=12, beta_end=0.3).save_config(folder)
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(folder), "--num-samples", "4", "--steps", "3", "--bound-images", "3",
+                 "--json", str(out), "--no-progress", "--device", "cpu"]) == 0
+    report = json.loads(out.read_text())
+    assert report["checkpoint"] == str(folder) and report["num_timesteps"] == 12
+    assert report["checkpoint_sha256"].startswith("sha256:")
+    assert report["data"] == "digits" and sum(report["quality"]["class_histogram"]) == 4
+    # The bound is the one of this model under the folder's schedule.
+    heldout, _ = load_digits("test")
+    want = variational_bound(tiny_unet, heldout[:3], NoiseSchedule.linear(12, beta_end=0.3), seed=0)
+    assert report["bound"]["bits_per_dim"] == pytest.approx(want.bits_per_dim, rel=1e-6)
+    assert len(report["bound"]["terms"]) == 12

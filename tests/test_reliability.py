@@ -11,7 +11,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import torch
 
 import fastddpm
 from fastddpm import NoiseSchedule, ops
-from fastddpm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fastddpm.checkpoint import CheckpointError, Pretrained, load_checkpoint, save_checkpoint
 from fastddpm.cli import COMMANDS, build_parser, main
 from fastddpm.data import Dataset
 from fastddpm.outputs import NonFiniteError, OutputError, atomic_write, check_writable
@@ -59,9 +58,8 @@ def _fake_checkpoint(monkeypatch, model=None, schedule=None):
 
     def load_pretrained(path=None, *, device="cpu"):
         calls.append(path)
-        return types.SimpleNamespace(model=(model or _Conv()).eval(), schedule=schedule or NoiseSchedule.linear(10),
-                                     sample_shape=(1, 4, 4), prediction_type="epsilon", variance_type="fixed_small",
-                                     config={"data": {"name": "digits"}}, path=Path("fake.safetensors"))
+        return Pretrained(model=(model or _Conv()).eval(), schedule=schedule or NoiseSchedule.linear(10),
+                          sample_shape=(1, 4, 4), config={"data": {"name": "digits"}}, source="fake.safetensors")
 
     monkeypatch.setattr("fastddpm.checkpoint.load_pretrained", load_pretrained)
     return calls
@@ -457,7 +455,7 @@ def test_one_progress_flag_everywhere_and_eval_shows_progress_by_default():
         options = {option for action in commands[name]._actions for option in action.option_strings}
         assert "--no-progress" in options and "--progress" not in options, name
     assert commands["eval"].parse_args([]).progress is True
-    assert set(COMMANDS) == {"sample", "train", "eval", "demo"}
+    assert set(COMMANDS) == {"sample", "train", "eval", "merge", "demo"}
 
 
 def test_train_help_shows_the_preset_defaults(capsys):

@@ -258,14 +258,14 @@ def test_derived_seeds_are_distinct_and_stable():
     assert int(other.stdout) == derive_seed(7, 1, 2)
 
 
-def test_clipping_of_x0_is_recorded_per_data_kind_and_used_by_the_sample_command(tmp_path):
+def test_clipping_of_x0_is_recorded_per_data_kind_and_read_by_the_loader(tmp_path):
     """Point sets span more than [-1, 1], so their checkpoints must not clip x_0 when sampled."""
-    from fastddpm.commands.sample import load_model
+    from fastddpm.checkpoint import load_pretrained
 
     toy = train("toy2d", "moons", steps=2, batch_size=16, out=tmp_path / "toy", **QUIET)
     digits = train("digits", "digits", steps=1, batch_size=4, out=tmp_path / "digits",
                    model_overrides=dict(ch=16, ch_mult=[1, 2], num_res_blocks=1), **QUIET)
     assert toy.config["diffusion"]["clip_denoised"] is False
     assert digits.config["diffusion"]["clip_denoised"] is True
-    assert load_model(str(tmp_path / "toy" / "ema.safetensors"), torch.device("cpu")).clip_denoised is False
-    assert load_model(str(tmp_path / "digits" / "ema.safetensors"), torch.device("cpu")).clip_denoised is True
+    assert load_pretrained(tmp_path / "toy" / "ema.safetensors").clip_denoised is False
+    assert load_pretrained(tmp_path / "digits" / "ema.safetensors").clip_denoised is True

@@ -1,70 +1,73 @@
-"""``fastddpm sample``: draw samples from a checkpoint, write a PNG grid and the raw ``.npz``.
+"""``fastddpm sample``: draw samples from a checkpoint.
 
-The checkpoint is a fastddpm checkpoint (default: the shipped digits model) or a diffusers
-model directory: a ``UNet2DModel`` saved with ``save_pretrained`` (``config.json`` plus weights,
-optionally a ``scheduler_config.json`` beside it or in ``scheduler/``), or a saved
-``DDPMPipeline`` (``unet/`` and ``scheduler/``).
+``--out`` decides what is written:
+
+- an image file (``samples.png``, any suffix Pillow writes): a grid there and every sample in the
+  same name with ``.npz``;
+- a folder (a path ending in ``/``, an existing folder, or a name without a suffix): the samples in
+  resumable chunks with a manifest (:mod:`fastddpm.shards`). Run the same command again to
+  finish an interrupted run; under ``torchrun`` every process draws its share of the chunks.
+
+Sample ``k`` (its global index, from 0) draws its noise from the seed's sample-indexed stream at
+index ``k`` (``fastddpm.sample(..., seed=, first_index=)``), so the samples do not depend on the
+batch size, the batch a sample falls in or the number of processes, up to the model's own
+rounding for other batch sizes.
+
+The checkpoint is anything :func:`fastddpm.checkpoint.load_pretrained` reads: a fastddpm
+checkpoint (default: the shipped digits model) or a diffusers model or pipeline folder.
 """
 from __future__ import annotations
 
-import json
+import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Callable, Optional
 
 import torch
 
 from ..samplers import SAMPLERS
 
-# Batch b samples with seed (seed + b * golden-ratio constant) mod 2**63: batch 0 uses --seed
-# itself, so one batch reproduces fastddpm.sample(..., seed=seed).
-_BATCH_SEED_STRIDE = 0x9E3779B97F4A7C15
+# Sample indices are 32-bit in the noise stream (the Philox counter's sample word).
+_MAX_SAMPLES = 2**32
 _SEED_LIMIT = 2**63
-# diffusers' variance_type -> fastddpm's. fixed_large_log has fixed_large's standard deviation.
-_DIFFUSERS_VARIANCE_TYPES = {
-    "fixed_small": "fixed_small",
-    "fixed_small_log": "fixed_small_log",
-    "fixed_large": "fixed_large",
-    "fixed_large_log": "fixed_large",
-    "learned_range": "learned_range",
-}
+# Batch size of a folder --out when none is given (an image --out draws everything in one batch).
+DEFAULT_FOLDER_BATCH = 64
+# How often rank 0 looks at the folder to count the other processes' chunks while it waits.
+_POLL_SECONDS = 0.25
 
 
 class CommandError(Exception):
     """A problem with the command's input, reported as one line and a non-zero exit."""
 
 
-@dataclass
-class LoadedModel:
-    """Everything sampling needs from a checkpoint."""
-
-    model: torch.nn.Module
-    schedule: object  # fastddpm.NoiseSchedule
-    sample_shape: Tuple[int, ...]
-    prediction_type: str = "epsilon"
-    variance_type: str = "fixed_small"
-    clip_denoised: bool = True
-    clip_range: float = 1.0
-    source: str = ""
-    notes: list = field(default_factory=list)
-
-
 def configure_parser(parser) -> None:
     parser.add_argument("--checkpoint", default=None, metavar="PATH",
-                        help="fastddpm checkpoint or diffusers model directory (default: the shipped digits model)")
+                        help="fastddpm checkpoint or diffusers model / pipeline folder (default: the shipped digits "
+                             "model)")
     parser.add_argument("--num-samples", type=int, default=64, metavar="N", help="samples to draw (default 64)")
     parser.add_argument("--steps", type=int, default=None,
                         help="reverse steps; fewer than the trained T respaces the chain evenly (default: T)")
     parser.add_argument("--sampler", choices=tuple(SAMPLERS), default="ddpm", help="default ddpm")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale, 0 = deterministic (default 0)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the Philox noise (default 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the Philox noise; sample k draws the noise of index k (default 0)")
     parser.add_argument("--batch-size", type=int, default=None, metavar="B",
-                        help="samples per batch (default: all in one batch)")
-    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+                        help="samples per model call; does not change the samples (beyond the model's rounding) "
+                             f"(default: all in one batch for an image --out, {DEFAULT_FOLDER_BATCH} for a folder)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (cuda when available), cpu, cuda, cuda:1, ...; under torchrun cuda means "
+                             "cuda:LOCAL_RANK")
     parser.add_argument("--out", default="samples.png", metavar="PATH",
-                        help="PNG grid to write; the raw samples go to the same name with .npz (default samples.png)")
+                        help="an image file (the grid; the samples go to the same name with .npz), or a folder (a "
+                             "path ending in /, an existing folder or a name without a suffix) for resumable "
+                             "chunks and a manifest, the layout torchrun writes (default samples.png)")
+    parser.add_argument("--chunk-size", type=int, default=None, metavar="C",
+                        help="samples per chunk file of a folder --out (default: the batch size; a folder keeps "
+                             "the chunk size it was started with)")
+    parser.add_argument("--redo-corrupt", action="store_true",
+                        help="a folder --out: draw corrupt chunks again (they are kept as NAME.corrupt); without "
+                             "it they are reported and the run stops")
     parser.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
                         help="replay each step from a CUDA graph on GPU (default auto: fall back if capture fails)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -79,106 +82,54 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    from fastddpm.imaging import save_image_grid, save_samples_npz
-    from fastddpm.interrupts import Interrupted
-    from fastddpm.outputs import OutputError, check_writable, save_or_rescue
-    from fastddpm.sampling import sample
-
     _check_args(args)
-    out_path = _image_path(args.out)
-    npz_path = out_path.with_suffix(".npz")
-    device = _resolve_device(args.device)
-    # Before any work: both outputs must be writable (a temporary file is created and removed).
-    check_writable(out_path, "--out")
-    check_writable(npz_path, "--out")
-
-    start = time.perf_counter()
-    loaded = load_model(args.checkpoint, device)
-    load_seconds = time.perf_counter() - start
-    for note in loaded.notes:
-        print(f"note: {note}", file=sys.stderr)
-    total_steps = loaded.schedule.num_timesteps
-    steps = args.steps if args.steps is not None else total_steps
-    if steps > total_steps:
-        raise CommandError(f"--steps must be at most the checkpoint's T={total_steps}, got {steps}")
-
-    batch_size = args.batch_size or args.num_samples
-    batches = []
-    num_batches = -(-args.num_samples // batch_size)
-    for batch, first in enumerate(range(0, args.num_samples, batch_size)):
-        count = min(batch_size, args.num_samples - first)
-        batch_seed = (args.seed + batch * _BATCH_SEED_STRIDE) % _SEED_LIMIT
-        try:
-            samples = sample(
-                loaded.model, (count, *loaded.sample_shape), schedule=loaded.schedule, num_steps=steps,
-                sampler=args.sampler, eta=args.eta, prediction_type=loaded.prediction_type,
-                variance_type=loaded.variance_type, clip_denoised=loaded.clip_denoised,
-                clip_range=loaded.clip_range, seed=batch_seed, device=device, progress=not args.no_progress,
-                cuda_graph={"auto": "auto", "on": True, "off": False}[args.cuda_graph],
-            )
-        except ValueError as error:  # e.g. the model's output does not fit the sample shape
-            raise CommandError(f"sampling failed: {error}") from error
-        except Interrupted as stop:
-            raise Interrupted(stop.signum, f"stopped in batch {batch + 1} of {num_batches}; nothing written") from None
-        batches.append(samples.float().cpu())
-    samples = torch.cat(batches)
-    sample_seconds = time.perf_counter() - start - load_seconds
-
-    schedule_timesteps = loaded.schedule.respace_evenly(steps).timesteps
-    metadata = dict(
-        seed=args.seed, sampler=args.sampler, num_steps=steps, eta=args.eta,
-        batch_size=batch_size, checkpoint=loaded.source, prediction_type=loaded.prediction_type,
-        variance_type=loaded.variance_type, num_train_timesteps=total_steps,
-        timesteps=schedule_timesteps.numpy(), value_range=[-1.0, 1.0],
-    )
-    # The raw samples first; if they cannot be written, they are kept elsewhere and the error says where.
-    save_or_rescue(lambda path: save_samples_npz(path, samples, **metadata), npz_path, argument="--out",
-                   what="the samples")
-    written = [f"{npz_path} (raw samples, float32 [N, C, H, W])"]
-    try:
-        save_image_grid(samples, out_path)
-        written.insert(0, f"{out_path} (grid)")
-    except ValueError as error:  # e.g. 2 channels: no image mode; the .npz holds the samples
-        print(f"note: no image grid written: {error}", file=sys.stderr)
-    except OSError as error:
-        from fastddpm.outputs import describe_os_error
-
-        raise OutputError(f"--out: could not write the grid {str(out_path)!r} ({describe_os_error(error)}); "
-                          f"the samples are in {npz_path}") from error
-    print(f"wrote {args.num_samples} samples of shape {tuple(loaded.sample_shape)} to {' and '.join(written)}")
-    print(f"{args.sampler}, {steps} steps, seed {args.seed}, device {device}: loaded in {load_seconds:.2f} s, "
-          f"sampled in {sample_seconds:.2f} s")
-    return 0
+    folder = _folder_of(args.out)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if folder is None:
+        if world_size > 1:
+            raise CommandError(f"--out must be a folder under torchrun (WORLD_SIZE={world_size}): every process "
+                               f"writes its chunks there, got the image {args.out!r}")
+        return _sample_to_image(args, _image_path(args.out))
+    return _sample_to_folder(args, folder)
 
 
 # ---------------------------------------------------------------------------------------------
 # arguments
 # ---------------------------------------------------------------------------------------------
 def _check_args(args) -> None:
-    if args.num_samples < 1:
-        raise CommandError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if not 1 <= args.num_samples <= _MAX_SAMPLES:
+        raise CommandError(f"--num-samples must lie in [1, 2**32], got {args.num_samples}")
     if args.steps is not None and args.steps < 1:
         raise CommandError(f"--steps must be >= 1, got {args.steps}")
     if args.batch_size is not None and args.batch_size < 1:
         raise CommandError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise CommandError(f"--chunk-size must be >= 1, got {args.chunk_size}")
     if not args.eta >= 0:
         raise CommandError(f"--eta must be >= 0, got {args.eta}")
-    if args.sampler == "ddpm" and args.eta != 0:
+    if args.sampler != "ddim" and args.eta != 0:
         raise CommandError("--eta applies to --sampler ddim only")
     if not 0 <= args.seed < _SEED_LIMIT:
         raise CommandError(f"--seed must lie in [0, 2**63), got {args.seed}")
+
+
+def _folder_of(out: str) -> Optional[Path]:
+    """The folder an ``--out`` names (a trailing separator, an existing folder, no suffix), else None."""
+    path = Path(out)
+    if out.endswith(("/", os.sep)) or path.is_dir() or path.suffix == "":
+        return path
+    return None
 
 
 def _image_path(out: str) -> Path:
     from PIL import Image
 
     path = Path(out)
-    if path.suffix == "":
-        path = path.with_suffix(".png")
-    if path.suffix.lower() not in Image.registered_extensions():
-        raise CommandError(f"--out must name an image file such as samples.png, got {out!r}")
     if path.suffix.lower() == ".npz":
         raise CommandError("--out names the image; the .npz is written beside it")
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise CommandError(f"--out must name an image file such as samples.png, or a folder (end it with /), "
+                           f"got {out!r}")
     return path
 
 
@@ -191,130 +142,234 @@ def _resolve_device(name: str) -> torch.device:
         raise CommandError(str(error)) from None
 
 
-# ---------------------------------------------------------------------------------------------
-# checkpoints
-# ---------------------------------------------------------------------------------------------
-def load_model(checkpoint: Optional[str], device: torch.device) -> LoadedModel:
-    """Load a fastddpm checkpoint (None: the shipped default) or a diffusers model directory."""
-    if checkpoint is None:
-        return _load_fastddpm(None, device)
-    path = Path(checkpoint)
-    if not path.exists():
-        raise CommandError(f"--checkpoint {checkpoint}: no such file or directory")
-    if path.is_dir() and _diffusers_unet_dir(path) is not None:
-        return _load_diffusers(path, device)
-    return _load_fastddpm(path, device)
+def _load(args, device: torch.device, show_notes: bool = True):
+    """The checkpoint and the number of steps, checked against its T."""
+    from .common import load_checkpoint_argument
 
-
-def _load_fastddpm(path: Optional[Path], device: torch.device) -> LoadedModel:
     try:
-        from fastddpm.checkpoint import load_pretrained
-    except ImportError as error:
-        raise CommandError(f"loading fastddpm checkpoints needs fastddpm.checkpoint, which failed to import: "
-                           f"{error}") from error
-    try:
-        pretrained = load_pretrained(None if path is None else str(path), device=device)
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
-        what = "the shipped default checkpoint" if path is None else f"--checkpoint {path}"
-        raise CommandError(f"could not load {what}: {error}") from error
-    # Clipping x_0 is a sampling choice; a checkpoint may record one in its diffusion config, else
-    # images are clipped to [-1, 1] and 2-D point sets (which span a wider range) are not.
-    diffusion = (getattr(pretrained, "config", None) or {}).get("diffusion") or {}
-    return LoadedModel(
-        model=pretrained.model, schedule=pretrained.schedule, sample_shape=tuple(pretrained.sample_shape),
-        prediction_type=pretrained.prediction_type, variance_type=pretrained.variance_type,
-        clip_denoised=bool(diffusion.get("clip_denoised", len(pretrained.sample_shape) > 1)), clip_range=float(diffusion.get("clip_range", 1.0)),
-        source="default" if path is None else str(path),
-    )
+        loaded = load_checkpoint_argument(args.checkpoint, device)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    if show_notes:
+        for note in loaded.notes:
+            print(f"note: {note}", file=sys.stderr)
+    total_steps = loaded.schedule.num_timesteps
+    steps = args.steps if args.steps is not None else total_steps
+    if steps > total_steps:
+        raise CommandError(f"--steps must be at most the checkpoint's T={total_steps}, got {steps}")
+    return loaded, steps
 
 
-def _diffusers_unet_dir(path: Path) -> Optional[Path]:
-    """The folder holding the UNet's config.json: ``path`` itself or a pipeline's ``unet/``."""
-    for folder in (path, path / "unet"):
-        if (folder / "config.json").is_file():
-            return folder
-    return None
+def _draw(loaded, args, steps: int, device: torch.device, first: int, count: int, batch_size: int,
+          progress: bool, after_batch: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+    """Samples ``[first, first + count)`` of the run, in batches of ``batch_size``: batch position
+    ``b`` of a batch starting at sample ``i`` draws as sample ``i + b`` of the seed's stream."""
+    from fastddpm.sampling import sample
 
-
-def _load_diffusers(path: Path, device: torch.device) -> LoadedModel:
-    unet_dir = _diffusers_unet_dir(path)
-    try:
-        config = json.loads((unet_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise CommandError(f"{unet_dir / 'config.json'} is not a readable JSON config: {error}") from error
-    class_name = config.get("_class_name", "UNet2DModel")
-    if class_name != "UNet2DModel":
-        raise CommandError(f"{unet_dir} holds a diffusers {class_name}; only UNet2DModel (unconditional) is supported")
-    try:
-        import diffusers
-    except ImportError as error:
-        raise CommandError("reading a diffusers-format model needs the diffusers package "
-                           "(pip install diffusers)") from error
-    try:
-        # low_cpu_mem_usage=False: the default needs the accelerate package and warns without it.
-        model = diffusers.UNet2DModel.from_pretrained(str(unet_dir), low_cpu_mem_usage=False)
-    except (OSError, ValueError, RuntimeError) as error:
-        raise CommandError(f"could not load the UNet2DModel in {unet_dir}: {error}") from error
-    model = model.to(device).eval()
-
-    sample_size = config.get("sample_size")
-    if isinstance(sample_size, int):
-        spatial = (sample_size, sample_size)
-    elif isinstance(sample_size, (list, tuple)) and len(sample_size) == 2:
-        spatial = tuple(int(size) for size in sample_size)
-    else:
-        raise CommandError(f"{unet_dir / 'config.json'} needs sample_size (an int or [H, W]), got {sample_size!r}")
-    loaded = LoadedModel(model=model, schedule=None, sample_shape=(int(config.get("in_channels", 3)), *spatial),
-                         source=str(path))
-
-    scheduler_file = _scheduler_config_file(path, unet_dir)
-    if scheduler_file is None:
-        loaded.notes.append(f"no scheduler config in {path}: using the DDPM defaults (linear betas 1e-4..0.02, "
-                            "T=1000, epsilon prediction, fixed_small variance, clipping)")
-        scheduler_config = {}
-    else:
+    parts = []
+    for start in range(first, first + count, batch_size):
+        size = min(batch_size, first + count - start)
         try:
-            scheduler_config = json.loads(scheduler_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise CommandError(f"{scheduler_file} is not a readable JSON config: {error}") from error
-    _apply_scheduler_config(loaded, scheduler_config, scheduler_file)
-    return loaded
+            samples = sample(
+                loaded.model, (size, *loaded.sample_shape), schedule=loaded.schedule, num_steps=steps,
+                sampler=args.sampler, eta=args.eta, prediction_type=loaded.prediction_type,
+                variance_type=loaded.variance_type, clip_denoised=loaded.clip_denoised,
+                clip_range=loaded.clip_range, seed=args.seed, first_index=start, device=device, progress=progress,
+                cuda_graph={"auto": "auto", "on": True, "off": False}[args.cuda_graph],
+            )
+        except ValueError as error:  # e.g. the model's output does not fit the sample shape
+            raise CommandError(f"sampling failed: {error}") from error
+        parts.append(samples.float().cpu())
+        if after_batch is not None:
+            after_batch(start + size - first)
+    return torch.cat(parts)
 
 
-def _scheduler_config_file(path: Path, unet_dir: Path) -> Optional[Path]:
-    for candidate in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json",
-                      unet_dir / "scheduler_config.json"):
-        if candidate.is_file():
-            return candidate
-    return None
+# ---------------------------------------------------------------------------------------------
+# --out IMAGE: a grid and one .npz
+# ---------------------------------------------------------------------------------------------
+def _sample_to_image(args, out_path: Path) -> int:
+    from fastddpm.imaging import save_image_grid, save_samples_npz
+    from fastddpm.interrupts import Interrupted
+    from fastddpm.outputs import OutputError, check_writable, describe_os_error, save_or_rescue
+    from fastddpm.shards import npz_metadata, run_settings
 
+    npz_path = out_path.with_suffix(".npz")
+    device = _resolve_device(args.device)
+    # Before any work: both outputs must be writable (a temporary file is created and removed).
+    check_writable(out_path, "--out")
+    check_writable(npz_path, "--out")
 
-def _apply_scheduler_config(loaded: LoadedModel, config: dict, source: Optional[Path]) -> None:
-    """Schedule, prediction and variance type, clipping from a diffusers DDPM/DDIM scheduler config."""
-    from fastddpm.schedule import NoiseSchedule, make_betas
-
-    where = str(source) if source is not None else "the scheduler defaults"
-    for unsupported in ("thresholding", "rescale_betas_zero_snr"):
-        if config.get(unsupported):
-            raise CommandError(f"{where}: {unsupported}=True is not supported by fastddpm")
+    start = time.perf_counter()
+    loaded, steps = _load(args, device)
+    load_seconds = time.perf_counter() - start
+    batch_size = args.batch_size or args.num_samples
+    num_batches = -(-args.num_samples // batch_size)
+    done = [0]
     try:
-        if config.get("trained_betas") is not None:
-            schedule = NoiseSchedule(config["trained_betas"])
-        else:
-            betas = make_betas(config.get("beta_schedule", "linear"), int(config.get("num_train_timesteps", 1000)),
-                               float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02)))
-            schedule = NoiseSchedule(betas)
-    except (ValueError, TypeError) as error:
-        raise CommandError(f"{where}: {error}") from error
-    variance_type = config.get("variance_type") or "fixed_small"
-    if variance_type not in _DIFFUSERS_VARIANCE_TYPES:
-        raise CommandError(f"{where}: variance_type {variance_type!r} is not supported; use one of "
-                           f"{tuple(_DIFFUSERS_VARIANCE_TYPES)}")
-    prediction_type = config.get("prediction_type", "epsilon")
-    if prediction_type not in ("epsilon", "sample", "v_prediction"):
-        raise CommandError(f"{where}: prediction_type {prediction_type!r} is not supported")
-    loaded.schedule = schedule
-    loaded.prediction_type = prediction_type
-    loaded.variance_type = _DIFFUSERS_VARIANCE_TYPES[variance_type]
-    loaded.clip_denoised = bool(config.get("clip_sample", True))
-    loaded.clip_range = float(config.get("clip_sample_range", 1.0))
+        samples = _draw(loaded, args, steps, device, 0, args.num_samples, batch_size, not args.no_progress,
+                        after_batch=lambda count: done.__setitem__(0, count))
+    except Interrupted as stop:
+        batch = done[0] // batch_size + 1
+        raise Interrupted(stop.signum, f"stopped in batch {batch} of {num_batches}; nothing written (a folder "
+                                       "--out keeps finished chunks)") from None
+    sample_seconds = time.perf_counter() - start - load_seconds
+
+    settings = run_settings(loaded, sampler=args.sampler, num_steps=steps, eta=args.eta, seed=args.seed,
+                            num_samples=args.num_samples, chunk_size=args.num_samples)
+    metadata = dict(npz_metadata(settings), batch_size=batch_size)
+    # The raw samples first; if they cannot be written, they are kept elsewhere and the error says where.
+    save_or_rescue(lambda path: save_samples_npz(path, samples, **metadata), npz_path, argument="--out",
+                   what="the samples")
+    written = [f"{npz_path} (raw samples, float32 [N, C, H, W])"]
+    try:
+        save_image_grid(samples, out_path)
+        written.insert(0, f"{out_path} (grid)")
+    except ValueError as error:  # e.g. 2 channels: no image mode; the .npz holds the samples
+        print(f"note: no image grid written: {error}", file=sys.stderr)
+    except OSError as error:
+        raise OutputError(f"--out: could not write the grid {str(out_path)!r} ({describe_os_error(error)}); "
+                          f"the samples are in {npz_path}") from error
+    print(f"wrote {args.num_samples} samples of shape {tuple(loaded.sample_shape)} to {' and '.join(written)}")
+    print(f"{args.sampler}, {steps} steps, seed {args.seed}, device {device}: loaded in {load_seconds:.2f} s, "
+          f"sampled in {sample_seconds:.2f} s")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# --out DIR: resumable chunks, one process or torchrun
+# ---------------------------------------------------------------------------------------------
+def _sample_to_folder(args, folder: Path) -> int:
+    from fastddpm import distributed
+    from fastddpm.outputs import check_writable
+
+    device = _resolve_device(args.device)
+    check_writable(folder, "--out", folder=True)  # before loading anything
+    try:
+        rank, world_size, device, created_group = distributed.setup(device)
+    except (RuntimeError, ValueError) as error:
+        raise CommandError(f"could not join the torchrun process group: {error}") from error
+    try:
+        return _folder_run(args, folder, rank, world_size, device)
+    finally:
+        if created_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _broadcast(value, world_size: int):
+    """Rank 0's ``value`` on every rank."""
+    if world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _open_on_rank0(args, folder: Path, settings: dict, rank: int, world_size: int) -> dict:
+    """Rank 0 checks the folder (manifest, chunks, half-written ones) and every rank gets the plan:
+    the run's settings and the chunks still to draw, or the error every rank stops with."""
+    from fastddpm import shards
+
+    plan = None
+    if rank == 0:
+        try:
+            state = shards.open_folder(folder, settings, chunk_size_given=args.chunk_size is not None)
+            if state.corrupt and not args.redo_corrupt:
+                raise shards.FolderError(f"--out {str(folder)!r}: {shards.describe_problems(state, missing=False)}; "
+                                         "nothing was changed: rerun with --redo-corrupt to draw them again")
+            for chunk in state.corrupt:
+                kept = shards.set_aside(folder, chunk)
+                print(f"note: {chunk.name} was corrupt ({state.corrupt[chunk]}); kept as {kept.name}, drawing it "
+                      "again", file=sys.stderr)
+            removed = shards.remove_temporaries(state)
+            if removed:
+                print(f"note: removed {len(removed)} half-written file(s) ({', '.join(removed[:3])}); their chunks "
+                      "are drawn again", file=sys.stderr)
+            pending = sorted([chunk.index for chunk in state.missing] + [chunk.index for chunk in state.corrupt])
+            plan = dict(settings=state.settings, pending=pending, done=state.done_samples, created=state.created)
+        except (shards.FolderError, OSError) as error:
+            plan = dict(error=str(error))
+    plan = _broadcast(plan, world_size)
+    if "error" in plan:
+        raise CommandError(plan["error"])
+    return plan
+
+
+def _folder_run(args, folder: Path, rank: int, world_size: int, device: torch.device) -> int:
+    from tqdm import tqdm
+
+    from fastddpm import shards
+    from fastddpm.interrupts import Interrupted
+
+    start = time.perf_counter()
+    loaded, steps = _load(args, device, show_notes=rank == 0)
+    batch_size = args.batch_size or min(args.num_samples, DEFAULT_FOLDER_BATCH)
+    settings = shards.run_settings(loaded, sampler=args.sampler, num_steps=steps, eta=args.eta, seed=args.seed,
+                                   num_samples=args.num_samples, chunk_size=args.chunk_size or batch_size)
+    plan = _open_on_rank0(args, folder, settings, rank, world_size)
+    settings = plan["settings"]
+    chunks = shards.plan_chunks(settings["num_samples"], settings["chunk_size"])
+    expected_id = shards.run_id(settings)
+    batch_size = min(batch_size, settings["chunk_size"])  # a batch never spans two chunks
+    mine = [chunks[index] for index in plan["pending"][rank::world_size]]
+    total, done_before = settings["num_samples"], plan["done"]
+    if rank == 0 and not plan["created"]:
+        print(f"resuming {folder}: {done_before} of {total} samples were drawn, {len(plan['pending'])} chunk(s) to "
+              f"go over {world_size} process(es)", file=sys.stderr)
+
+    bar = tqdm(total=total, initial=done_before, unit="sample", desc=f"sampling ({world_size} proc)",
+               disable=args.no_progress or rank != 0, smoothing=0, dynamic_ncols=True)
+    sampling_started = time.perf_counter()
+
+    def refresh(drawn_in_chunk: int = 0) -> None:  # rank 0: the chunks on disk, plus its own chunk so far
+        if rank == 0:
+            bar.n = shards.count_done(folder, chunks) + drawn_in_chunk
+            bar.refresh()
+
+    written = 0
+    chunk = None
+    try:
+        for chunk in mine:
+            samples = _draw(loaded, args, steps, device, chunk.first, chunk.count, batch_size, progress=False,
+                            after_batch=refresh)
+            shards.write_chunk(folder, chunk, samples, expected_id, batch_size=batch_size, device=str(device),
+                               rank=rank)
+            written += 1
+            refresh()
+        chunk = None
+        _wait_for_the_others(world_size, poll=refresh if rank == 0 else None)
+    except Interrupted as stop:
+        where = f"in {chunk.name}" if chunk is not None else "after its last chunk"
+        raise Interrupted(stop.signum, f"stopped {where}; the {written} chunk(s) this process wrote and those "
+                                       f"before are kept in {folder}: run the same command again to resume") from None
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - sampling_started
+    if rank == 0:
+        drawn = shards.count_done(folder, chunks) - done_before
+        rate = drawn / seconds if seconds > 0 else 0.0
+        print(f"drew {drawn} samples in {seconds:.2f} s ({rate:.2f} samples/s, {world_size} process(es), batch "
+              f"{batch_size}, device {device}; loaded in {sampling_started - start:.2f} s); {folder} holds "
+              f"{shards.count_done(folder, chunks)} of {total} samples")
+        print(f"merge them into one .npz and a grid with: fastddpm merge {folder}")
+    return 0
+
+
+def _wait_for_the_others(world_size: int, poll: Optional[Callable[[], None]]) -> None:
+    """Wait until every process has written its chunks; rank 0 updates the progress bar meanwhile."""
+    if world_size == 1:
+        return
+    import torch.distributed as dist
+
+    work = dist.barrier(async_op=True)
+    if poll is not None:
+        while not work.is_completed():
+            poll()
+            time.sleep(_POLL_SECONDS)
+    work.wait()
+    if poll is not None:
+        poll()
