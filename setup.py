@@ -13,8 +13,8 @@ setup(
     package_dir={"fastddpm": "fastddpm", "fastddpm.kernels": "kernels"},
     package_data={"fastddpm": ["assets/*"]},
     install_requires=[
-        "torch>=2.4",
-        "triton>=3.0; platform_system == 'Linux'",
+        "torch>=2.8",  # its Triton (3.4+) has the knobs fastddpm.ops sets for the interpreter
+        "triton>=3.4; platform_system == 'Linux'",
         "numpy",
         "tqdm",
         "Pillow",
