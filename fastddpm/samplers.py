@@ -55,6 +55,8 @@ class Sampler:
     step: Callable[[object, torch.Tensor], None]
     buffers: Callable[[object], Dict[str, torch.Tensor]] = _no_buffers
     schedule: Callable[[NoiseSchedule, Optional[int]], NoiseSchedule] = _respace_evenly
+    # The command line's step count when none is given (None: the trained chain).
+    default_steps: Optional[int] = None
 
 
 def posterior_step(run, model_output: torch.Tensor) -> None:
@@ -83,5 +85,5 @@ SAMPLERS: Dict[str, Sampler] = {
     "ddpm": Sampler(posterior_step),
     "ddim": Sampler(posterior_step),
     "dpmpp_2m": Sampler(dpmpp_2m, buffers=lambda run: {"previous_x0": torch.zeros_like(run.x)},
-                        schedule=_respace_linspace),
+                        schedule=_respace_linspace, default_steps=20),
 }

@@ -31,7 +31,18 @@ def unet_dir(tmp_path_factory, tiny_unet):
 
 
 def _run(*argv):
-    return main(["sample", *map(str, argv), "--no-progress"])
+    """The command with DDPM unless a test names a sampler (the default has its own test)."""
+    argv = list(map(str, argv))
+    pinned = [] if "--sampler" in argv else ["--sampler", "ddpm"]
+    return main(["sample", *argv, *pinned, "--no-progress"])
+
+
+def test_the_default_is_dpmpp_2m_at_20_steps(unet_dir, tmp_path):
+    out = tmp_path / "default.png"
+    assert main(["sample", "--checkpoint", str(unet_dir), "--num-samples", "2", "--out", str(out), "--device", "cpu",
+                 "--no-progress"]) == 0
+    data = np.load(out.with_suffix(".npz"))
+    assert str(data["sampler"]) == "dpmpp_2m" and int(data["num_steps"]) == 20
 
 
 def test_writes_png_grid_and_npz(unet_dir, tmp_path, capsys):

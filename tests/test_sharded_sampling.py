@@ -42,7 +42,9 @@ def unet_dir(tmp_path_factory, tiny_unet):
 
 
 def _sample_command(*argv):
-    return main(["sample", *map(str, argv), "--no-progress", "--device", "cpu"])
+    argv = list(map(str, argv))
+    pinned = [] if "--sampler" in argv else ["--sampler", "ddpm"]  # these tests pin DDPM
+    return main(["sample", *argv, *pinned, "--no-progress", "--device", "cpu"])
 
 
 def _chunks(folder):
@@ -230,7 +232,8 @@ def test_torchrun_with_two_processes_writes_the_one_process_chunks(unet_dir, tmp
     argv = ["--checkpoint", str(unet_dir), "--num-samples", "10", "--batch-size", "2", "--seed", "8",
             "--out", str(tmp_path / "two"), "--device", "cpu", "--no-progress"]
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "fastddpm", "sample", *argv], env=_environment(), capture_output=True, text=True,
+                           "-m", "fastddpm", "sample", *argv, *([] if "--sampler" in argv else ["--sampler", "ddpm"])],
+                          env=_environment(), capture_output=True, text=True,
                           timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "drew 10 samples" in done.stdout and "2 process(es)" in done.stdout
@@ -244,7 +247,9 @@ def test_torchrun_with_two_processes_writes_the_one_process_chunks(unet_dir, tmp
 
 
 def _start(argv, cwd):
-    return subprocess.Popen([sys.executable, "-m", "fastddpm", "sample", *map(str, argv)], cwd=cwd,
+    argv = list(map(str, argv))
+    argv += [] if "--sampler" in argv else ["--sampler", "ddpm"]  # these tests pin DDPM
+    return subprocess.Popen([sys.executable, "-m", "fastddpm", "sample", *argv], cwd=cwd,
                             env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
