@@ -434,7 +434,7 @@ def _run(plan: _Plan):
                 _after_step(plan, run, step, intermediates)
                 bar.update(1)
     run.raise_if_non_finite()
-    x = run.x if graph is None and not plan.use_graph else run.x.clone()  # a cached run's x is reused
+    x = run.x.clone() if plan.use_graph else run.x  # a graphed run is kept and its x reused by the next call
     return (x, intermediates) if plan.return_intermediates else x
 
 
