@@ -42,18 +42,36 @@ __all__ = ["train", "TrainResult", "TRAINING_DEFAULTS"]
 # so they use a larger learning rate and a shorter EMA horizon.
 TRAINING_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "ddpm_cifar10": dict(data=None, steps=800_000, batch_size=128, lr=2e-4, warmup_steps=5000, ema_decay=0.9999,
+                         lr_schedule="constant", ema_start=0,
                          ckpt_every=10_000, sample_every=50_000, log_every=100),
     "digits": dict(data="digits", steps=4000, batch_size=64, lr=1e-3, warmup_steps=200, ema_decay=0.999,
+                   lr_schedule="constant", ema_start=0,
                    ckpt_every=500, sample_every=1000, log_every=100),
     "toy2d": dict(data="moons", steps=5000, batch_size=256, lr=1e-3, warmup_steps=100, ema_decay=0.995,
+                  lr_schedule="constant", ema_start=0,
                   ckpt_every=1000, sample_every=0, log_every=100),
 }
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# After the linear warm-up: "constant" keeps lr; "cosine" decays it to 0 at the last step
+# (half a cosine period over the steps after warm-up, as in Loshchilov & Hutter's SGDR without restarts).
+LR_SCHEDULES = ("constant", "cosine")
 CHECKPOINT_NAME = "checkpoint.safetensors"
 EMA_NAME = "ema.safetensors"
 
 # Independent random streams derived from (seed, step); the numbers only need to differ.
 _STREAM_INIT, _STREAM_DATA_ORDER, _STREAM_BATCH, _STREAM_DROPOUT = 1, 2, 3, 4
+
+
+def learning_rate(step: int, *, steps: int, lr: float, warmup_steps: int, schedule: str = "constant") -> float:
+    """The learning rate of 0-based ``step`` of ``steps``: linear warm-up over ``warmup_steps``
+    to ``lr``, then constant or (``schedule="cosine"``) a half cosine down to 0 at the last step."""
+    if warmup_steps and step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return lr
+    decay_steps = max(steps - warmup_steps, 1)
+    progress = min(max(step - warmup_steps, 0) / decay_steps, 1.0)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def derive_seed(seed: int, *words: int) -> int:
@@ -167,6 +185,8 @@ def train(
     weight_decay: float = 0.0,
     grad_clip: Optional[float] = 1.0,
     ema_decay: Optional[float] = None,
+    lr_schedule: Optional[str] = None,
+    ema_start: Optional[int] = None,
     seed: int = 0,
     schedule: Union[str, NoiseSchedule] = "linear",
     num_timesteps: int = 1000,
@@ -195,8 +215,10 @@ def train(
     ``learned``, which also switches the model to 2C outputs) the default is the hybrid loss
     ``L_simple + vlb_weight * T * L_t``; ``loss_type="vlb"`` trains on the bound itself. Timesteps
     are uniform; noised inputs come from :func:`fastddpm.ops.q_sample` (the Triton kernel on
-    CUDA). AdamW with linear warm-up to ``lr`` and gradient-norm clipping at ``grad_clip``; an EMA
-    of the weights (``torch.optim.swa_utils.AveragedModel``); bf16 autocast on CUDA by default.
+    CUDA). AdamW with linear warm-up to ``lr``, then ``lr_schedule`` (constant, or cosine decay to 0
+    at the last step: :func:`learning_rate`), and gradient-norm clipping at ``grad_clip``; an EMA
+    of the weights (``torch.optim.swa_utils.AveragedModel``) with ``ema_decay``, which copies the
+    weights until step ``ema_start``; bf16 autocast on CUDA by default.
 
     With ``out`` set, writes ``out/checkpoint.safetensors`` (full state, atomically) every
     ``ckpt_every`` steps and at the end, ``out/ema.safetensors`` (EMA weights + config, what
@@ -224,6 +246,9 @@ def train(
     ema_decay = defaults["ema_decay"] if ema_decay is None else ema_decay
     if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) or not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay!r}")
+    lr_schedule = defaults["lr_schedule"] if lr_schedule is None else lr_schedule
+    check_choice("lr_schedule", lr_schedule, LR_SCHEDULES)
+    ema_start = _positive_int("ema_start", defaults["ema_start"] if ema_start is None else ema_start, allow_zero=True)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
     ckpt_every = _positive_int("ckpt_every", defaults["ckpt_every"] if ckpt_every is None else ckpt_every, allow_zero=True)
@@ -327,8 +352,9 @@ def train(
             return _train_loop(
                 preset=preset, dataset=dataset, overrides=overrides, noise_schedule=noise_schedule,
                 schedule_name=schedule_name, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
-                weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay, seed=seed,
-                prediction_type=prediction_type, variance_type=variance_type, loss_type=loss_type,
+                weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay, lr_schedule=lr_schedule,
+                ema_start=ema_start, seed=seed, prediction_type=prediction_type, variance_type=variance_type,
+                loss_type=loss_type,
                 vlb_weight=vlb_weight, out=out, ckpt_every=ckpt_every, sample_every=sample_every,
                 sample_steps=sample_steps, num_samples=num_samples, log_every=log_every, resume_path=resume_path,
                 resume_note=resume_note, device=device, precision=precision, amp_dtype=amp_dtype, progress=progress,
@@ -341,7 +367,8 @@ def train(
 
 
 def _train_loop(*, preset, dataset, overrides, noise_schedule, schedule_name, steps, batch_size, lr, warmup_steps,
-                weight_decay, grad_clip, ema_decay, seed, prediction_type, variance_type, loss_type, vlb_weight,
+                weight_decay, grad_clip, ema_decay, lr_schedule, ema_start, seed, prediction_type, variance_type,
+                loss_type, vlb_weight,
                 out, ckpt_every, sample_every, sample_steps, num_samples, log_every, resume_path, resume_note, device,
                 precision, amp_dtype, progress, callback, rank, world_size) -> TrainResult:
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -363,7 +390,8 @@ def _train_loop(*, preset, dataset, overrides, noise_schedule, schedule_name, st
         "sample_shape": list(dataset.sample_shape),
         "data": dict(name=dataset.name, size=len(dataset), random_flip=dataset.random_flip, **dataset.info),
         "training": dict(seed=seed, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
-                         weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay, precision=precision,
+                         weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay, ema_start=ema_start,
+                         lr_schedule=lr_schedule, precision=precision,
                          world_size=world_size),
     }
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
@@ -483,7 +511,7 @@ def _train_loop(*, preset, dataset, overrides, noise_schedule, schedule_name, st
             x_t = ops.q_sample(x0, t, noise_schedule, noise=noise)
 
             for group in optimizer.param_groups:
-                group["lr"] = lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
+                group["lr"] = learning_rate(step, steps=steps, lr=lr, warmup_steps=warmup_steps, schedule=lr_schedule)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 model_output = model(x_t, noise_schedule.timesteps.to(device)[t])
             per_sample, _ = training_losses(model_output.float(), x0, x_t, noise, t, noise_schedule,
@@ -503,7 +531,10 @@ def _train_loop(*, preset, dataset, overrides, noise_schedule, schedule_name, st
                 scaler.update()
             else:
                 optimizer.step()
-            ema.update_parameters(raw_model)
+            if step < ema_start:  # until ema_start the average is the weights themselves
+                ema.module.load_state_dict(raw_model.state_dict())
+            else:
+                ema.update_parameters(raw_model)
 
             done = step + 1
             running_loss += loss.detach()
@@ -594,8 +625,16 @@ def _check_resumable(saved: Dict[str, Any], current: Dict[str, Any], path: Path)
               ("diffusion", saved.get("diffusion"), current["diffusion"]),
               ("sample_shape", saved.get("sample_shape"), current["sample_shape"]),
               ("data", saved.get("data"), current["data"])]
-    for key in ("seed", "batch_size", "lr", "warmup_steps", "weight_decay", "grad_clip", "ema_decay"):
-        checks.append((f"training.{key}", (saved.get("training") or {}).get(key), current["training"][key]))
+    saved_training = dict(saved.get("training") or {})
+    # Checkpoints from before these settings existed trained with their present defaults.
+    saved_training.setdefault("lr_schedule", "constant")
+    saved_training.setdefault("ema_start", 0)
+    keys = ["seed", "batch_size", "lr", "warmup_steps", "weight_decay", "grad_clip", "ema_decay", "lr_schedule",
+            "ema_start"]
+    if current["training"]["lr_schedule"] != "constant":
+        keys.append("steps")  # a decaying learning rate is a function of the total step count
+    for key in keys:
+        checks.append((f"training.{key}", saved_training.get(key), current["training"][key]))
     for name, old, new in checks:
         if json.loads(json.dumps(old)) != json.loads(json.dumps(new)):
             raise CheckpointError(f"cannot resume from {str(path)!r}: its {name} is {old!r} but this run has {new!r}")

@@ -321,12 +321,17 @@ def test_eval_command_writes_json_for_a_digits_model(tmp_path, tmp_path_factory,
                  "ddim", "--bound-images", "6", "--batch-size", "50", "--json", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "bits/dim" in printed and "FD floor" in printed
+    assert "bits/dim" in printed and "FD floor" in printed and "KID" in printed
     report = json.loads(out.read_text())
-    quality, bound = report["quality"], report["bound"]
+    quality, bound, per_seed = report["quality"], report["bound"], report["quality_per_seed"]
     assert report["data"] == "digits" and report["steps"] == 5 and report["clip_denoised"] is True
-    assert sum(quality["class_histogram"]) == 24
+    # Three seeds by default, each its own draw of samples and of the floor's training digits.
+    assert report["seeds"] == [0, 1, 2] and len(per_seed) == 3
+    assert len({result["fd"] for result in per_seed}) == 3 and len({r["fd_floor"] for r in per_seed}) == 3
+    assert sum(quality["class_histogram"]) == 3 * 24
+    assert quality["fd"] == pytest.approx(sum(result["fd"] for result in per_seed) / 3)
     assert quality["fd"] > quality["fd_floor"] > 0  # an untrained model is worse than real data
+    assert quality["kid"] > quality["kid_floor"] + 2 * quality["kid_excess_se"]
     assert quality["heldout_accuracy"] > 0.9
     assert bound["num_images"] == 6 and len(bound["terms"]) == 20
     assert bound["bits_per_dim"] == pytest.approx(bound["prior"] + bound["decoder"] + bound["diffusion"], rel=1e-9)
@@ -338,15 +343,17 @@ def test_eval_command_on_a_toy_model_and_bad_arguments(tmp_path, capsys):
 
     checkpoint = _tiny_checkpoint(tmp_path / "toy.safetensors", image=False)
     out = tmp_path / "toy.json"
-    assert main(["eval", "--checkpoint", str(checkpoint), "--num-samples", "64", "--json", str(out)]) == 0
+    assert main(["eval", "--checkpoint", str(checkpoint), "--num-samples", "64", "--seed", "4", "--json",
+                 str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["data"] == "moons" and "bound" not in report
+    assert report["data"] == "moons" and "bound" not in report and report["seeds"] == [4]
     assert report["clip_denoised"] is False  # toy points extend beyond [-1, 1]
     assert report["quality"]["sliced_wasserstein"] > 0
     capsys.readouterr()
     for bad, message in ((["--num-samples", "-3"], "--num-samples"), (["--data", "cifar"], "--data"),
                          (["--eta", "0.5"], "--eta"), (["--data", "digits"], "digits"),
-                         (["--bound-images", "0"], "--bound-images")):
+                         (["--bound-images", "0"], "--bound-images"), (["--seed", "1", "1"], "--seed"),
+                         (["--seed", "-2"], "--seed")):
         assert main(["eval", "--checkpoint", str(checkpoint), *bad]) == 2
         assert message in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(tmp_path / "missing.safetensors")]) == 2
@@ -365,7 +372,7 @@ def test_eval_command_reads_a_diffusers_folder(tiny_unet, tmp_path, tmp_path_fac
     diffusers.DDPMScheduler(num_train_timesteps=12, beta_end=0.3).save_config(folder)
     out = tmp_path / "eval.json"
     assert main(["eval", "--checkpoint", str(folder), "--num-samples", "4", "--steps", "3", "--bound-images", "3",
-                 "--json", str(out), "--no-progress", "--device", "cpu"]) == 0
+                 "--seed", "0", "--json", str(out), "--no-progress", "--device", "cpu"]) == 0
     report = json.loads(out.read_text())
     assert report["checkpoint"] == str(folder) and report["num_timesteps"] == 12
     assert report["checkpoint_sha256"].startswith("sha256:")
@@ -375,3 +382,50 @@ def test_eval_command_reads_a_diffusers_folder(tiny_unet, tmp_path, tmp_path_fac
     want = variational_bound(tiny_unet, heldout[:3], NoiseSchedule.linear(12, beta_end=0.3), seed=0)
     assert report["bound"]["bits_per_dim"] == pytest.approx(want.bits_per_dim, rel=1e-6)
     assert len(report["bound"]["terms"]) == 12
+
+
+def test_pooled_quality_is_read_off_the_seeds_results():
+    from fastddpm.evaluation import pool_digit_quality
+
+    def result(fd, floor, kid, kid_se, kid_floor, kid_floor_se, histogram, confidence):
+        return dict(fd=fd, fd_floor=floor, kid=kid, kid_se=kid_se, kid_floor=kid_floor, kid_floor_se=kid_floor_se,
+                    class_histogram=histogram, mean_max_probability=confidence, num_samples=sum(histogram),
+                    heldout_mean_max_probability=0.98, heldout_accuracy=0.97, fraction_outside_unit_range=0.0,
+                    nearest_train_distance=fd / 10, heldout_nearest_train_distance=2.5, near_copy_fraction=0.0)
+
+    pooled = pool_digit_quality([
+        result(30.0, 20.0, 0.05, 0.03, 0.01, 0.04, [10, 10, 10, 10, 10], 0.90),
+        result(24.0, 16.0, 0.02, 0.04, -0.01, 0.03, [16, 9, 10, 8, 7], 0.96),
+    ])
+    assert pooled["seeds"] == 2 and pooled["num_samples"] == 50
+    assert pooled["fd"] == pytest.approx(27.0) and pooled["fd_floor"] == pytest.approx(18.0)
+    assert pooled["fd_ratio"] == pytest.approx(27.0 / 18.0)  # mean over mean, not the mean of ratios
+    assert pooled["fd_ratio_mean"] == pytest.approx(1.5)
+    assert pooled["fd_sd"] == pytest.approx(math.sqrt(18.0))  # sample sd of 30 and 24
+    assert pooled["kid"] == pytest.approx(0.035) and pooled["kid_floor"] == pytest.approx(0.0)
+    assert pooled["kid_se"] == pytest.approx(0.05 / 2) and pooled["kid_floor_se"] == pytest.approx(0.05 / 2)
+    assert pooled["kid_excess_se"] == pytest.approx(math.hypot(0.025, 0.025))
+    assert pooled["kid_excess_in_se"] == pytest.approx(0.035 / math.hypot(0.025, 0.025))
+    assert pooled["class_histogram"] == [26, 19, 20, 18, 17]
+    assert pooled["class_deviation"] == pytest.approx(0.3)  # 26 against 20 expected
+    assert pooled["mean_max_probability"] == pytest.approx(0.93)
+    with pytest.raises(ValueError, match="per_seed"):
+        pool_digit_quality([])
+
+
+def test_digit_evaluation_flags_copies_of_training_digits(tmp_path_factory):
+    """Training digits passed off as samples are real digits to FD and KID but are flagged as
+    copies; the held-out digits are real unseen digits and are not (1 % by the cut's definition)."""
+    from fastddpm.data import load_digits
+    from fastddpm.evaluation import evaluate_digit_samples
+
+    cache = tmp_path_factory.getbasetemp() / "fastddpm-classifier-cache"
+    train_images, _ = load_digits("train")
+    heldout_images, _ = load_digits("test")
+    some = torch.randperm(train_images.shape[0], generator=torch.Generator().manual_seed(5))[:300]
+    copies = evaluate_digit_samples(train_images[some], seed=0, cache_dir=cache)
+    assert copies["near_copy_fraction"] == 1.0 and copies["nearest_train_distance"] == 0.0
+    unseen = evaluate_digit_samples(heldout_images, seed=0, cache_dir=cache)
+    assert unseen["near_copy_fraction"] == pytest.approx(0.01, abs=0.004)
+    assert unseen["nearest_train_distance"] == pytest.approx(unseen["heldout_nearest_train_distance"])
+    assert unseen["nearest_train_distance"] > 1.0

@@ -14,7 +14,7 @@ from fastddpm.checkpoint import CheckpointError, load_checkpoint
 from fastddpm.cli import main as cli_main
 from fastddpm.losses import (discretized_gaussian_log_likelihood, normal_kl, training_losses, training_target,
                              vlb_term)
-from fastddpm.training import derive_seed, train
+from fastddpm.training import derive_seed, learning_rate, train
 
 TINY = dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0)
 QUIET = dict(progress=False, sample_every=0, log_every=1)
@@ -244,6 +244,43 @@ def test_train_rejects_bad_arguments_before_working(tmp_path):
     with pytest.raises(FileNotFoundError):
         train("digits", tmp_path / "missing")
     assert not list(tmp_path.iterdir())
+
+
+def test_learning_rate_warms_up_then_stays_or_follows_half_a_cosine():
+    settings = dict(steps=110, lr=1e-3, warmup_steps=10)
+    warmup = [learning_rate(step, **settings, schedule="cosine") for step in range(10)]
+    assert warmup == pytest.approx([1e-4 * (step + 1) for step in range(10)])
+    assert [learning_rate(step, **settings) for step in (10, 60, 109)] == [1e-3] * 3
+    cosine = [learning_rate(step, **settings, schedule="cosine") for step in range(10, 110)]
+    assert cosine[0] == pytest.approx(1e-3) and cosine[50] == pytest.approx(0.5e-3)  # half-way: half the rate
+    assert all(later < earlier for earlier, later in zip(cosine, cosine[1:])) and 0 < cosine[-1] < 1e-6
+    assert learning_rate(3, steps=5, lr=1e-3, warmup_steps=0, schedule="cosine") == pytest.approx(
+        1e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 5)))
+
+
+def test_lr_schedule_and_ema_start_reach_the_optimizer_the_average_and_the_checkpoint(tmp_path):
+    """The logged rates follow learning_rate(); before ema_start the EMA is the weights; the
+    settings are recorded, and a cosine run resumes only with its own total step count."""
+    settings = dict(steps=4, batch_size=8, lr=2e-3, warmup_steps=1, ema_decay=0.9, seed=0, model_overrides=TINY,
+                    lr_schedule="cosine", **QUIET)
+    copied = train("digits", "digits", ema_start=4, out=tmp_path / "copied", **settings)
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "copied" / "log.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx([learning_rate(step, steps=4, lr=2e-3, warmup_steps=1, schedule="cosine")
+                                    for step in range(4)])
+    _assert_same_tensors(copied.model.state_dict(), copied.ema_model.state_dict())
+    averaged = train("digits", "digits", ema_start=2, **settings)
+    assert not all(torch.equal(averaged.model.state_dict()[key], value)
+                   for key, value in averaged.ema_model.state_dict().items())
+    saved = load_checkpoint(tmp_path / "copied" / "checkpoint.safetensors").config["training"]
+    assert saved["lr_schedule"] == "cosine" and saved["ema_start"] == 4
+    with pytest.raises(CheckpointError, match="training.steps"):
+        train("digits", "digits", ema_start=4, out=tmp_path / "copied", resume=True, **{**settings, "steps": 6})
+    with pytest.raises(CheckpointError, match="training.ema_start"):
+        train("digits", "digits", ema_start=3, out=tmp_path / "copied", resume=True, **settings)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        train("digits", "digits", lr_schedule="step", **QUIET)
+    with pytest.raises(ValueError, match="ema_start"):
+        train("digits", "digits", ema_start=-1, **QUIET)
 
 
 def test_derived_seeds_are_distinct_and_stable():

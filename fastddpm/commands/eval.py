@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ..evaluation import evaluate_digit_samples, evaluate_toy_samples, variational_bound
+from ..evaluation import evaluate_digit_samples, evaluate_toy_samples, pool_digit_quality, variational_bound
 from ..samplers import SAMPLERS
 
 _DIGITS = "digits"
@@ -31,7 +31,9 @@ def configure_parser(parser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the full chain)")
     parser.add_argument("--sampler", choices=tuple(SAMPLERS), default="ddpm", help="default ddpm")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale (default 0)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of sampling, the bound and the floors (default 0)")
+    parser.add_argument("--seed", dest="seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED",
+                        help="seeds of sampling and of the floors; quality is reported per seed and pooled, the "
+                             "bound uses the first (default 0 1 2)")
     parser.add_argument("--clip-denoised", action=argparse.BooleanOptionalAction, default=None,
                         help="clip the predicted x_0 to [-1, 1] (default: the checkpoint's diffusion config, else "
                              "on for images and off for 2-D points, whose data extend beyond [-1, 1])")
@@ -67,8 +69,8 @@ def _check_args(args) -> None:
         raise ValueError(f"--eta must be >= 0, got {args.eta}")
     if args.eta > 0 and args.sampler != "ddim":
         raise ValueError("--eta applies to --sampler ddim only")
-    if args.seed < 0:
-        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    if any(seed < 0 for seed in args.seeds) or len(set(args.seeds)) != len(args.seeds):
+        raise ValueError(f"--seed takes distinct seeds >= 0, got {' '.join(map(str, args.seeds))}")
     if args.bound_images is not None and args.bound_images < 1:
         raise ValueError(f"--bound-images must be >= 1, got {args.bound_images}")
     if args.batch_size < 1:
@@ -79,26 +81,43 @@ def _print_report(report: Dict[str, Any]) -> None:
     rows: List[tuple] = [("checkpoint", report["checkpoint"]), ("data", report["data"])]
     quality = report.get("quality")
     if quality is not None:
+        seeds = report["seeds"]
         rows.append(("sampler", f"{report['sampler']}, {report['steps']} steps"
                      + (f", eta {report['eta']}" if report["sampler"] == "ddim" else "")
-                     + f", seed {report['seed']}, {report['sample_seconds']:.1f} s"))
+                     + f", seeds {' '.join(map(str, seeds))}, {report['sample_seconds']:.1f} s"))
+        per_seed = report["quality_per_seed"]
+
+        def each(key, digits):
+            return " / ".join(f"{result[key]:.{digits}f}" for result in per_seed)
+
         if report["data"] == _DIGITS:
             rows += [
-                ("FD (samples vs held-out)",
-                 f"{quality['fd']:.2f}  ({quality['num_samples']} vs {quality['num_heldout']})"),
-                ("FD floor (train vs held-out)",
-                 f"{quality['fd_floor']:.2f}  ({quality['floor_size']} vs {quality['num_heldout']})"),
-                ("class histogram 0..9", " ".join(str(c) for c in quality["class_histogram"])),
+                ("FD (samples vs held-out)", f"{quality['fd']:.2f} ± {quality['fd_sd']:.2f}  (seeds: "
+                                             f"{each('fd', 2)}; {quality['num_samples']} vs "
+                                             f"{per_seed[0]['num_heldout']})"),
+                ("FD floor (train vs held-out)", f"{quality['fd_floor']:.2f} ± {quality['fd_floor_sd']:.2f}  "
+                                                 f"(seeds: {each('fd_floor', 2)})"),
+                ("FD / floor (pooled)", f"{quality['fd_ratio']:.3f}  (per seed {quality['fd_ratio_mean']:.3f} ± "
+                                        f"{quality['fd_ratio_sd']:.3f})"),
+                ("KID x 1000 (samples vs held-out)", f"{1000 * quality['kid']:.2f} ± {1000 * quality['kid_se']:.2f}"),
+                ("KID x 1000 floor", f"{1000 * quality['kid_floor']:.2f} ± {1000 * quality['kid_floor_se']:.2f}  "
+                                     f"(excess {quality['kid_excess_in_se']:+.2f} standard errors)"),
+                ("class histogram 0..9", " ".join(str(c) for c in quality["class_histogram"])
+                 + f"  (largest deviation from uniform {100 * quality['class_deviation']:.0f} %)"),
                 ("mean max-probability", f"{quality['mean_max_probability']:.3f}  (held-out: "
                                          f"{quality['heldout_mean_max_probability']:.3f})"),
                 ("classifier held-out accuracy", f"{quality['heldout_accuracy']:.3f}"),
+                ("nearest training digit", f"median distance {quality['nearest_train_distance']:.2f} (held-out: "
+                                           f"{quality['heldout_nearest_train_distance']:.2f}); near copies "
+                                           f"{100 * quality['near_copy_fraction']:.1f} % (held-out: 1 %)"),
             ]
         else:
             rows += [
-                ("sliced Wasserstein-2",
-                 f"{quality['sliced_wasserstein']:.4f}  (floor {quality['sliced_wasserstein_floor']:.4f})"),
-                ("energy distance",
-                 f"{quality['energy_distance']:.5f}  (floor {quality['energy_distance_floor']:.5f})"),
+                ("sliced Wasserstein-2", f"{quality['sliced_wasserstein']:.4f}  (floor "
+                                         f"{quality['sliced_wasserstein_floor']:.4f}; seeds: "
+                                         f"{each('sliced_wasserstein', 4)})"),
+                ("energy distance", f"{quality['energy_distance']:.5f}  (floor {quality['energy_distance_floor']:.5f}; "
+                                    f"seeds: {each('energy_distance', 5)})"),
             ]
     bound = report.get("bound")
     if bound is not None:
@@ -153,7 +172,7 @@ def _run(args) -> int:
     clip_range = pretrained.clip_range
     report: Dict[str, Any] = dict(
         checkpoint=pretrained.source, checkpoint_sha256=pretrained.checksum or None,
-        data=data, sampler=args.sampler, steps=steps, eta=args.eta, seed=args.seed,
+        data=data, sampler=args.sampler, steps=steps, eta=args.eta, seeds=list(args.seeds),
         prediction_type=pretrained.prediction_type, variance_type=pretrained.variance_type,
         clip_denoised=clip_denoised, num_timesteps=pretrained.schedule.num_timesteps, device=str(device),
         command="fastddpm eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else None,
@@ -162,17 +181,26 @@ def _run(args) -> int:
     if args.num_samples > 0 and data == _DIGITS:
         _check_classifier_cache(args.classifier_cache, pretrained.sample_shape[-1])
     if args.num_samples > 0:
-        started = time.perf_counter()
-        samples = fastddpm.sample(
-            pretrained.model, (args.num_samples,) + tuple(pretrained.sample_shape), schedule=pretrained.schedule,
-            num_steps=steps, sampler=args.sampler, eta=args.eta, prediction_type=pretrained.prediction_type,
-            variance_type=pretrained.variance_type, clip_denoised=clip_denoised, clip_range=clip_range,
-            seed=args.seed, device=device, progress=args.progress)
-        report["sample_seconds"] = time.perf_counter() - started
+        classifier = None
         if data == _DIGITS:
-            report["quality"] = evaluate_digit_samples(samples, seed=args.seed, cache_dir=args.classifier_cache)
-        else:
-            report["quality"] = evaluate_toy_samples(samples, data, seed=args.seed)
+            from fastddpm.metrics import load_digit_classifier
+
+            classifier = load_digit_classifier(args.classifier_cache)
+        started = time.perf_counter()
+        per_seed = []
+        for seed in args.seeds:
+            samples = fastddpm.sample(
+                pretrained.model, (args.num_samples,) + tuple(pretrained.sample_shape), schedule=pretrained.schedule,
+                num_steps=steps, sampler=args.sampler, eta=args.eta, prediction_type=pretrained.prediction_type,
+                variance_type=pretrained.variance_type, clip_denoised=clip_denoised, clip_range=clip_range,
+                seed=seed, device=device, progress=args.progress)
+            if data == _DIGITS:
+                per_seed.append(evaluate_digit_samples(samples, seed=seed, classifier=classifier))
+            else:
+                per_seed.append(evaluate_toy_samples(samples, data, seed=seed))
+        report["sample_seconds"] = time.perf_counter() - started  # sampling and scoring, all seeds
+        report["quality_per_seed"] = per_seed
+        report["quality"] = pool_digit_quality(per_seed) if data == _DIGITS else _mean_over_seeds(per_seed)
 
     if args.bound and data == _DIGITS:
         from fastddpm.data import load_digits
@@ -182,7 +210,7 @@ def _run(args) -> int:
             heldout = heldout[: args.bound_images]
         result = variational_bound(
             pretrained.model, heldout.to(device), pretrained.schedule, prediction_type=pretrained.prediction_type,
-            variance_type=pretrained.variance_type, clip_denoised=clip_denoised, seed=args.seed,
+            variance_type=pretrained.variance_type, clip_denoised=clip_denoised, seed=args.seeds[0],
             batch_size=args.batch_size, progress=args.progress)
         report["bound"] = result.to_dict()
     elif args.bound:
@@ -200,6 +228,11 @@ def _run(args) -> int:
         save_or_rescue(write, args.json_path, argument="--json", what="the report")
         print(f"wrote {args.json_path}")
     return 0
+
+
+def _mean_over_seeds(per_seed: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Each number of the per-seed toy results as its mean over the seeds."""
+    return {key: sum(result[key] for result in per_seed) / len(per_seed) for key in per_seed[0]}
 
 
 def _check_classifier_cache(cache_dir, image_size: int) -> None:

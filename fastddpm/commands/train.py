@@ -11,7 +11,7 @@ from ..losses import LOSS_TYPES
 from ..models import PRESETS
 from ..schedule import BETA_SCHEDULES
 from ..step import PREDICTION_TYPES, VARIANCE_TYPES
-from ..training import CHECKPOINT_NAME, EMA_NAME, PRECISIONS, TRAINING_DEFAULTS
+from ..training import CHECKPOINT_NAME, EMA_NAME, LR_SCHEDULES, PRECISIONS, TRAINING_DEFAULTS
 
 
 def _parse_model_arg(text: str) -> Tuple[str, Any]:
@@ -46,10 +46,16 @@ def configure_parser(parser) -> None:
                         help=f"AdamW learning rate after warm-up ({_preset_defaults('lr')})")
     parser.add_argument("--warmup-steps", type=int, default=None,
                         help=f"linear learning-rate warm-up steps ({_preset_defaults('warmup_steps')})")
+    parser.add_argument("--lr-schedule", default=None, choices=LR_SCHEDULES,
+                        help=f"after warm-up: constant, or cosine decay to 0 at the last step "
+                             f"({_preset_defaults('lr_schedule')})")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     parser.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip, 0 disables (default 1)")
     parser.add_argument("--ema-decay", type=float, default=None,
                         help=f"decay of the EMA of the weights ({_preset_defaults('ema_decay')})")
+    parser.add_argument("--ema-start", type=int, default=None,
+                        help=f"step from which the EMA averages; before it, it copies the weights "
+                             f"({_preset_defaults('ema_start')})")
     parser.add_argument("--seed", type=int, default=0, help="seed of everything random in the run (default 0)")
     parser.add_argument("--schedule", default="linear", choices=BETA_SCHEDULES, help="beta schedule (default linear)")
     parser.add_argument("--num-timesteps", type=int, default=1000, help="T, diffusion steps (default 1000)")
@@ -106,7 +112,8 @@ def run(args) -> int:
             args.preset, args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
             warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
             grad_clip=args.grad_clip if args.grad_clip and args.grad_clip > 0 else None, ema_decay=args.ema_decay,
-            seed=args.seed, schedule=args.schedule, num_timesteps=args.num_timesteps,
+            lr_schedule=args.lr_schedule, ema_start=args.ema_start, seed=args.seed, schedule=args.schedule,
+            num_timesteps=args.num_timesteps,
             prediction_type=args.prediction_type, variance_type=args.variance_type, loss_type=args.loss_type,
             vlb_weight=args.vlb_weight, model_overrides=overrides, data_options=data_options, out=out,
             ckpt_every=args.ckpt_every, sample_every=args.sample_every, sample_steps=args.sample_steps,

