@@ -462,7 +462,8 @@ def test_train_help_shows_the_preset_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for key in ("steps", "batch_size", "lr", "warmup_steps", "ema_decay", "ckpt_every", "sample_every"):
+    for key in ("steps", "batch_size", "lr", "warmup_steps", "lr_schedule", "ema_decay", "ema_start", "ckpt_every",
+                "sample_every"):
         for preset, defaults in TRAINING_DEFAULTS.items():
             assert f"{preset} {defaults[key]}" in text, (key, preset)
 

@@ -25,7 +25,7 @@ def _parse_model_arg(text: str) -> Tuple[str, Any]:
 
 
 def _preset_defaults(key: str) -> str:
-    """``"default: digits 4000, ddpm_cifar10 800000, toy2d 5000"``, from :data:`TRAINING_DEFAULTS`."""
+    """``"default by --preset: ddpm_cifar10 800000, digits 16000, toy2d 5000"``, from :data:`TRAINING_DEFAULTS`."""
     values = ", ".join(f"{name} {'(none: required)' if settings[key] is None else settings[key]}"
                        for name, settings in TRAINING_DEFAULTS.items())
     return f"default by --preset: {values}"
