@@ -638,4 +638,7 @@ def _check_resumable(saved: Dict[str, Any], current: Dict[str, Any], path: Path)
         checks.append((f"training.{key}", saved_training.get(key), current["training"][key]))
     for name, old, new in checks:
         if json.loads(json.dumps(old)) != json.loads(json.dumps(new)):
-            raise CheckpointError(f"cannot resume from {str(path)!r}: its {name} is {old!r} but this run has {new!r}")
+            why = (f" (the {current['training']['lr_schedule']} learning rate decays over the total step count, so "
+                   f"the run keeps its steps)" if name == "training.steps" else "")
+            raise CheckpointError(f"cannot resume from {str(path)!r}: its {name} is {old!r} but this run has "
+                                  f"{new!r}{why}")

@@ -406,8 +406,9 @@ def test_library_device_arguments_are_checked():
 # 6. silent surprises
 # ---------------------------------------------------------------------------------------------
 def test_resume_says_where_it_starts(tmp_path, capsys):
+    # a constant learning rate: a run with a decaying one resumes only with its own step count
     args = ["train", "--steps", "1", "--batch-size", "4", "--out", str(tmp_path), "--resume", "--no-progress",
-            "--sample-every", "0", *TINY_ARGS]
+            "--sample-every", "0", "--lr-schedule", "constant", *TINY_ARGS]
     assert main(args) == 0
     err = capsys.readouterr().err
     assert f"note: no checkpoint.safetensors in {str(tmp_path)!r} to resume from; starting at step 0" in err

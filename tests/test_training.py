@@ -273,7 +273,7 @@ def test_lr_schedule_and_ema_start_reach_the_optimizer_the_average_and_the_check
                    for key, value in averaged.ema_model.state_dict().items())
     saved = load_checkpoint(tmp_path / "copied" / "checkpoint.safetensors").config["training"]
     assert saved["lr_schedule"] == "cosine" and saved["ema_start"] == 4
-    with pytest.raises(CheckpointError, match="training.steps"):
+    with pytest.raises(CheckpointError, match="training.steps is 4 but this run has 6 .the cosine learning rate"):
         train("digits", "digits", ema_start=4, out=tmp_path / "copied", resume=True, **{**settings, "steps": 6})
     with pytest.raises(CheckpointError, match="training.ema_start"):
         train("digits", "digits", ema_start=3, out=tmp_path / "copied", resume=True, **settings)
