@@ -77,6 +77,11 @@ def main(argv=None) -> int:
     return 0
 
 
+def _sd(values) -> float:
+    values = list(values)
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def _groups(rows):
     groups = {}
     for row in rows:
@@ -85,14 +90,18 @@ def _groups(rows):
 
 
 def summarise(rows) -> str:
-    lines = ["| sampler | steps | FD (mean ± sd over seeds) | floor | FD / floor | seconds per run |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| sampler | steps | FD (mean ± sd over seeds) | floor | FD / floor (pooled; sd of the seeds' ratios) "
+             "| confidence | seconds per run |",
+             "|---|---|---|---|---|---|---|"]
     for (sampler, steps), group in _groups(rows).items():
         fd = [r["fd"] for r in group]
+        floor = statistics.mean(r["fd_floor"] for r in group)
         ratio = [r["fd_ratio"] for r in group]
-        lines.append(f"| {sampler} | {steps} | {statistics.mean(fd):.2f} ± {statistics.pstdev(fd):.2f} | "
-                     f"{statistics.mean(r['fd_floor'] for r in group):.2f} | {statistics.mean(ratio):.2f} ± "
-                     f"{statistics.pstdev(ratio):.2f} | {statistics.mean(r['seconds'] for r in group):.1f} |")
+        # pooled as fastddpm.evaluation.pool_digit_quality pools: mean FD over mean floor
+        lines.append(f"| {sampler} | {steps} | {statistics.mean(fd):.2f} ± {_sd(fd):.2f} | "
+                     f"{floor:.2f} | {statistics.mean(fd) / floor:.2f} ± {_sd(ratio):.2f} | "
+                     f"{statistics.mean(r['confidence'] for r in group):.3f} | "
+                     f"{statistics.mean(r['seconds'] for r in group):.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -110,7 +119,7 @@ def plot(rows, path: Path) -> None:
                   if name == sampler]
         steps = [p[0] for p in points]
         means = [statistics.mean(p[1]) for p in points]
-        spreads = [statistics.pstdev(p[1]) for p in points]
+        spreads = [_sd(p[1]) for p in points]
         axis.errorbar(steps, means, yerr=spreads, marker="o", capsize=3, label=sampler)
     axis.set_xscale("log")
     axis.set_xlabel("sampling steps")
