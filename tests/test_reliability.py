@@ -260,7 +260,10 @@ with DeferredInterrupts() as stop:
         print("second", error.exit_code)
 print("restored", signal.getsignal(signal.SIGINT) is signal.default_int_handler)
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    # The child starts with SIGINT at its default, as under a terminal: a shell's background job
+    # (`pytest &`, nohup) inherits SIGINT ignored, and Python then installs no handler to restore.
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert done.stdout.split() == ["first", "2", "second", "130", "restored", "True"], done.stderr
 
 
