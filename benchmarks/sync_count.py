@@ -66,18 +66,22 @@ def main(argv=None) -> int:
     for name, kwargs in [("sample ddpm, CUDA graph", dict(cuda_graph=True if cuda else False)),
                          ("sample ddpm, eager", dict(cuda_graph=False)),
                          ("sample ddim eta=0.5, CUDA graph", dict(sampler="ddim", eta=0.5,
-                                                                  cuda_graph=True if cuda else False))]:
+                                                                  cuda_graph=True if cuda else False)),
+                         ("sample dpmpp_2m, CUDA graph", dict(sampler="dpmpp_2m", cuda_graph=True if cuda else False)),
+                         ("sample dpmpp_2m, eager", dict(sampler="dpmpp_2m", cuda_graph=False))]:
         sample_syncs(10, **kwargs)  # warm-up: compile the kernels
         few, many = sample_syncs(10, **kwargs), sample_syncs(30, **kwargs)
         per_step = None if few is None else (many - few) / 20
         rows.append(dict(case=f"fastddpm.{name}", syncs_10_steps=few, syncs_30_steps=many, per_step=per_step))
 
-    schedulers = [("fastddpm.DDPMScheduler", fastddpm.DDPMScheduler), ("fastddpm.DDIMScheduler", fastddpm.DDIMScheduler)]
+    schedulers = [("fastddpm.DDPMScheduler", fastddpm.DDPMScheduler), ("fastddpm.DDIMScheduler", fastddpm.DDIMScheduler),
+                  ("fastddpm.DPMSolverMultistepScheduler", fastddpm.DPMSolverMultistepScheduler)]
     try:
         import diffusers
 
         schedulers += [("diffusers.DDPMScheduler", diffusers.DDPMScheduler),
-                       ("diffusers.DDIMScheduler", diffusers.DDIMScheduler)]
+                       ("diffusers.DDIMScheduler", diffusers.DDIMScheduler),
+                       ("diffusers.DPMSolverMultistepScheduler", diffusers.DPMSolverMultistepScheduler)]
     except ImportError:
         rows.append(dict(case="diffusers", error="not installed"))
     for name, cls in schedulers:
