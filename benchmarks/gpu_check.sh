@@ -9,7 +9,7 @@
 # OUT_DIR defaults to $OUT (the device tool's folder) or ./gpu_check_out. WHEEL_DIR holds wheels
 # for packages the GPU image lacks (diffusers and its missing requirements), installed offline
 # with pip --no-index; default ../shared/gpu-wheels, else ./.whl. STAGES (environment) picks
-# stages: env tests kernels tune syncs e2e1 e2e128 (default: all, in that order).
+# stages: env tests kernels tune syncs throughput e2e1 e2e128 (default: all, in that order).
 # FASTDDPM_SOURCE_COMMIT names the commit that was sent, for the results' metadata (the copy of the
 # tree on a lent machine may carry a stale .git); gpu_check.sh records it in env.txt too.
 set -uo pipefail
@@ -23,7 +23,7 @@ if [ -z "$wheels" ]; then
     if [ -d "$candidate" ]; then wheels="$candidate"; break; fi
   done
 fi
-stages="${STAGES:-env tests kernels tune syncs e2e1 e2e128}"
+stages="${STAGES:-env tests kernels tune syncs throughput e2e1 e2e128}"
 mkdir -p "$out/files"
 log="$out/log.txt"
 export PYTHONUNBUFFERED=1
@@ -58,6 +58,7 @@ if [ "$dry" = 1 ]; then
   stage tune 300 python3 benchmarks/tune.py --dry --out "$out/files/tune.json"
   stage syncs 300 python3 benchmarks/sync_count.py --dry --out "$out/files/syncs.json"
   stage kernels 600 python3 benchmarks/run.py --device cpu --only kernels --sizes 64K --dtypes fp32 --out "$out/files/bench"
+  stage throughput 300 python3 benchmarks/run.py --device cpu --only throughput --dry --out "$out/files/bench"
   echo "dry run done: $out" | tee -a "$log"
   exit 0
 fi
@@ -71,6 +72,9 @@ stage tests "${TESTS_LIMIT:-150}" python3 -m pytest -q -p xdist -n 16 --junitxml
 stage kernels 170 python3 benchmarks/run.py --only copy kernels --sizes 16M 64M --dtypes fp32 bf16 --out "$out/files/bench"
 stage tune 60 python3 benchmarks/tune.py --sizes 64M --out "$out/files/tune.json"
 stage syncs 60 python3 benchmarks/sync_count.py --out "$out/files/syncs.json"
+# 50,000 samples with the 35.7M CIFAR-10 UNet (issue 22): rows are written as they finish
+# (bench/<device>/*-throughput.partial.json), so a stage cut short keeps what it measured.
+stage throughput "${THROUGHPUT_LIMIT:-420}" python3 benchmarks/run.py --only throughput --out "$out/files/bench"
 stage e2e1 150 python3 benchmarks/run.py --only e2e --e2e-batches 1 --e2e-steps 1000 50 --tag b1 --out "$out/files/bench"
 stage e2e128 90 python3 benchmarks/run.py --only e2e --e2e-batches 128 --e2e-steps 50 20 --e2e-suites b --tag b128 --out "$out/files/bench"
 echo "done: $out" | tee -a "$log"

@@ -12,7 +12,10 @@ Markdown table (``.md``) and a plot (``.png``) beside it, then prints the table.
 3. end-to-end sampling: diffusers' UNet2DModel (DDPM CIFAR-10 config, random weights) under
    DDPMPipeline/DDIMPipeline vs fastddpm.sample, and fastddpm's own UNet, with and without CUDA
    graphs, plus the share of each step spent outside the model;
-4. training-step throughput with the q_sample kernel vs the reference.
+4. training-step throughput with the q_sample kernel vs the reference;
+5. throughput: the time to draw 50,000 samples with the 35.7M CIFAR-10 UNet and DPM-Solver++(2M)
+   at 20 steps, fastddpm at each model setting against diffusers' pipeline and the model alone
+   (``benchmarks/throughput.py``; ``--dry``: toy sizes on a CPU).
 
 Without a GPU the kernel rows that need one say "no GPU" and the CPU paths run instead. A row
 that fails records its error and the run goes on. See benchmarks/README.md for the columns.
@@ -34,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import NO_GPU, OK, error_text, format_size, markdown_table, millis, parse_size, percent, ratio  # noqa: E402
 
-SECTIONS = ("copy", "kernels", "e2e", "training")
+SECTIONS = ("copy", "kernels", "e2e", "training", "throughput")
 MiB = 2**20
 
 
@@ -488,6 +491,16 @@ def render_markdown(results: Dict) -> str:
                   f"{r['samples_per_s']:.1f}" if r.get("samples_per_s") else "—",
                   ratio(r.get("speedup_vs_reference")), _status_cell(r)] for r in results["training"]]
         parts.append(markdown_table(headers, table))
+    if results.get("throughput"):
+        import throughput
+
+        plan = results.get("throughput_plan", {})
+        parts += ["", "## Throughput: 50,000 samples", "",
+                  f"{plan.get('model_name', '')}, DPM-Solver++(2M) {plan.get('steps', '')} steps; samples/s = batch / "
+                  "median wall time of one call; 50k in s = 50,000 / samples/s; model-only = the model alone, "
+                  "graphed on a GPU; outside model = 1 - model-only / call time; vs fastest diffusers = samples/s "
+                  "over diffusers' fastest setting at that batch.", "",
+                  throughput.render_markdown(results["throughput"], results.get("throughput_goals"))]
     parts += ["", "## Goals", ""]
     if meta["device"] != "cuda":
         parts.append("The goals are about GPU figures: not measured on this CPU-only machine.")
@@ -567,6 +580,18 @@ def _size_argument(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _batch_argument(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int or auto, got {text!r}")
+    return value
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -587,11 +612,24 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="end-to-end step counts of the DDPM and DDIM runs")
     parser.add_argument("--e2e-suites", nargs="+", choices=("a", "b"),
                         help="end-to-end model suites: a (diffusers UNet2DModel), b (fastddpm UNet)")
+    parser.add_argument("--dry", action="store_true",
+                        help="throughput: the same rows at toy sizes (a tiny UNet, 2 steps), to check the plumbing")
+    parser.add_argument("--throughput-batches", nargs="+", type=_batch_argument, metavar="B|auto",
+                        help="throughput batch sizes (default 1 64 256 1024 auto on a GPU)")
+    parser.add_argument("--throughput-settings", nargs="+", metavar="SETTING",
+                        help="fastddpm model settings of the throughput rows, e.g. fp32 bf16 bf16+cl bf16+cl+compile")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (torch.set_num_threads); default torch's choice")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
                         help="results root; files go to OUT/<device-name>/ (default benchmarks/results)")
     return parser.parse_args(argv)
+
+
+def _write_json(path: Path, results: Dict) -> None:
+    """``results`` as JSON at ``path``, written to a temporary file and renamed into place."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    temporary.replace(path)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -642,8 +680,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         stem += "-" + "-".join(plan.sections)
     if args.tag:
         stem += "-" + args.tag
+    if "throughput" in plan.sections:
+        import throughput
+
+        log("throughput (50,000 samples) ...")
+        tplan = throughput.ThroughputPlan.build(device, args.dry, args.throughput_batches, args.throughput_settings)
+        results["throughput_plan"] = dataclasses.asdict(tplan)
+
+        def checkpoint(rows):  # every finished row on disk: a stage cut short keeps them
+            _write_json(out_dir / f"{stem}.partial.json", dict(results, throughput=rows))
+
+        results["throughput"] = throughput.measure(tplan, log, checkpoint)
+        results["throughput_goals"] = (throughput.evaluate_goals(results["throughput"])
+                                       if device == "cuda" and not args.dry else [])
+        (out_dir / f"{stem}.partial.json").unlink(missing_ok=True)
+
     markdown = render_markdown(results)
-    (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    _write_json(out_dir / f"{stem}.json", results)
     (out_dir / f"{stem}.md").write_text(markdown)
     plot_error = render_plot(results, out_dir / f"{stem}.png")
     if plot_error:

@@ -20,6 +20,9 @@ _LAZY = {
     "save_checkpoint": "checkpoint",
     "load_pretrained": "checkpoint",
     "variational_bound": "evaluation",
+    "accelerate": "pipelines",
+    "AcceleratedPipeline": "pipelines",
+    "auto_batch_size": "acceleration",
 }
 
 __all__ = ["NoiseSchedule", "make_betas", "q_sample", "ddpm_step", "ddim_step", "timestep_embedding", *_LAZY]

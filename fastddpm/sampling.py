@@ -29,6 +29,7 @@ import torch
 
 from . import ops, reference
 from .samplers import SAMPLERS as _REGISTRY
+from .acceleration import ModelOptions, prepare_model
 from .devices import resolve_device
 from .outputs import NonFiniteError
 from .schedule import NoiseSchedule, as_schedule
@@ -72,6 +73,9 @@ def sample(
     callback: Optional[Callback] = None,
     cuda_graph: Union[str, bool] = "auto",
     backend: Optional[str] = None,
+    model_dtype: Union[torch.dtype, str, None] = None,
+    channels_last: bool = False,
+    compile: Union[bool, dict] = False,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:
     """Draw samples by running the reverse diffusion chain of ``model``.
 
@@ -122,6 +126,14 @@ def sample(
             ``ValueError`` up front where no graph is possible); ``False`` never captures.
         backend: the ops backend (``auto``, ``reference``, ``triton``, ``interpret``); see
             :mod:`fastddpm.ops`. ``auto``: kernels on CUDA, reference on the CPU.
+        model_dtype: run the model in ``torch.bfloat16`` / ``torch.float16`` (or ``"bf16"``,
+            ``"fp16"``, ``"fp32"``): a cast copy of an ``nn.Module`` (autocast for a plain
+            callable), cached across calls; the sample, noise and step stay in ``dtype``. See
+            :mod:`fastddpm.acceleration`.
+        channels_last: run the (copied) model and its input in channels-last memory layout.
+        compile: run the model through ``torch.compile`` (``True``, or a dict of its keyword
+            arguments; default mode, static shapes), inside the step's CUDA graph when there is
+            one; compiled once and cached across calls.
 
     Returns:
         The samples, a tensor of ``shape`` on ``device`` in ``dtype``, in the model's data
@@ -143,7 +155,8 @@ def sample(
                        clip_range=clip_range, seed=seed, generator=generator, noise=noise,
                        first_index=first_index, device=device,
                        dtype=dtype, progress=progress, return_intermediates=return_intermediates,
-                       callback=callback, cuda_graph=cuda_graph, backend=backend)
+                       callback=callback, cuda_graph=cuda_graph, backend=backend,
+                       model_options=ModelOptions.build(model_dtype, channels_last, compile))
     with torch.no_grad():
         return _run(plan)
 
@@ -236,7 +249,8 @@ class _Plan:
     @classmethod
     def build(cls, model, shape, *, schedule, num_steps, sampler, eta, prediction_type, variance_type,
               clip_denoised, clip_range, seed, generator, noise, first_index, device, dtype, progress,
-              return_intermediates, callback, cuda_graph, backend) -> "_Plan":
+              return_intermediates, callback, cuda_graph, backend,
+              model_options: ModelOptions = ModelOptions()) -> "_Plan":
         if not callable(model):
             raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
         shape = _check_shape(shape)
@@ -272,6 +286,7 @@ class _Plan:
         if cuda_graph is True and not use_graph:
             raise ValueError(f"cuda_graph=True needs a CUDA device and the Triton kernels; got device {device} "
                              f"and backend {chosen_backend!r}")
+        model_options.check_graph(use_graph)
         if generator is None and math.prod(shape[1:]) >= 4 * 2**32:
             raise ValueError(f"the Philox noise covers at most 4 * 2**32 - 1 elements a sample, shape {shape} "
                              f"has {math.prod(shape[1:])}; pass a generator")
@@ -285,6 +300,9 @@ class _Plan:
         plan.device, plan.dtype, plan.backend = device, dtype, chosen_backend
         plan.progress, plan.return_intermediates, plan.callback = progress, return_intermediates, callback
         plan.cuda_graph, plan.use_graph = cuda_graph, use_graph
+        plan.model_options = model_options
+        # What the loop calls: the model itself, or its prepared (cast / channels-last / compiled) form.
+        plan.forward = prepare_model(model, model_options, device)
         return plan
 
     @property
@@ -295,7 +313,7 @@ class _Plan:
         """What a captured graph depends on besides the model: shapes, dtypes, the step, the chain."""
         return (self.shape, self.dtype, self.device, self.spec, self.sampler, self.backend,
                 self.schedule.num_timesteps, self.schedule.timesteps.tolist(), self.schedule.betas.tolist(),
-                self.generator is None, self.callback is not None)
+                self.generator is None, self.callback is not None, self.model_options)
 
 
 class _Denoiser:
@@ -333,7 +351,7 @@ class _Run:
     def __init__(self, plan: _Plan):
         device, steps, batch = plan.device, plan.num_steps, plan.shape[0]
         self.spec, self.schedule, self.backend, self.sampler = plan.spec, plan.schedule, plan.backend, plan.sampler
-        self.denoiser = _Denoiser(plan.model, plan.spec, plan.shape)
+        self.denoiser = _Denoiser(plan.forward, plan.spec, plan.shape)
         self.x = torch.empty(plan.shape, dtype=plan.dtype, device=device)
         # Row i: the trained timestep of schedule index i, once per sample.
         self.model_timesteps = plan.schedule.timesteps.to(device)[:, None].expand(steps, batch).contiguous()
@@ -353,7 +371,7 @@ class _Run:
 
     def reset(self, plan: _Plan) -> None:
         """Counters and x_T of a new call (in place: a graph holding this run replays them)."""
-        self.denoiser.model = plan.model
+        self.denoiser.model = plan.forward
         self.x.copy_(_initial_sample(plan))
         self.index.fill_(plan.num_steps - 1)
         self.noise_offset.fill_(_INITIAL_NOISE_OFFSET + 1)
@@ -423,16 +441,20 @@ def _run(plan: _Plan):
     run, graph = cached if cached is not None else (_Run(plan), None)
     run.reset(plan)
     intermediates: Optional[List[torch.Tensor]] = [] if plan.return_intermediates else None
-    with tqdm(total=plan.num_steps, disable=not plan.progress, desc=f"{plan.spec.sampler} sampling",
-              unit="step", leave=False) as bar:
-        if plan.use_graph:
-            _loop_graphed(plan, run, graph, intermediates, bar)
-        else:
-            for step in range(plan.num_steps):
-                _before_step(plan, run, step)
-                run.step()
-                _after_step(plan, run, step, intermediates)
-                bar.update(1)
+    try:
+        with tqdm(total=plan.num_steps, disable=not plan.progress, desc=f"{plan.spec.sampler} sampling",
+                  unit="step", leave=False) as bar:
+            if plan.use_graph:
+                _loop_graphed(plan, run, graph, intermediates, bar)
+            else:
+                for step in range(plan.num_steps):
+                    _before_step(plan, run, step)
+                    run.step()
+                    _after_step(plan, run, step, intermediates)
+                    bar.update(1)
+    finally:
+        # A kept run must not hold the model: the graph cache's weak key would never be freed.
+        run.denoiser.model = None
     run.raise_if_non_finite()
     x = run.x.clone() if plan.use_graph else run.x  # a graphed run is kept and its x reused by the next call
     return (x, intermediates) if plan.return_intermediates else x

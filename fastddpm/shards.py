@@ -47,6 +47,9 @@ NOISE_STREAM = "philox4x32-10, sample-indexed: (seed, sample index, element, ste
 IDENTITY_KEYS = ("checkpoint_sha256", "schedule_sha256", "num_train_timesteps", "sampler", "num_steps", "eta",
                  "seed", "prediction_type", "variance_type", "clip_denoised", "clip_range", "sample_shape",
                  "num_samples", "chunk_size", "noise_stream")
+# Settings that decide the samples too, added later: a manifest without one had its default, and
+# the run id leaves a default value out, so folders written before keep their id.
+OPTIONAL_IDENTITY = {"model_dtype": "fp32"}
 
 
 class FolderError(ValueError):
@@ -77,7 +80,7 @@ def _sha256_of_array(array) -> str:
 
 
 def run_settings(pretrained, *, sampler: str, num_steps: int, eta: float, seed: int, num_samples: int,
-                 chunk_size: int) -> Dict[str, Any]:
+                 chunk_size: int, model_dtype: str = "fp32") -> Dict[str, Any]:
     """What decides a run's samples (``IDENTITY_KEYS``), plus the chain's timesteps and the
     checkpoint's path for the reader. ``pretrained`` is a :class:`fastddpm.checkpoint.Pretrained`."""
     from .samplers import SAMPLERS
@@ -100,6 +103,7 @@ def run_settings(pretrained, *, sampler: str, num_steps: int, eta: float, seed: 
         num_samples=int(num_samples),
         chunk_size=int(chunk_size),
         noise_stream=NOISE_STREAM,
+        model_dtype=model_dtype,
         timesteps=[int(t) for t in chain.timesteps.tolist()],
         checkpoint=pretrained.source,
     )
@@ -108,6 +112,8 @@ def run_settings(pretrained, *, sampler: str, num_steps: int, eta: float, seed: 
 def run_id(settings: Dict[str, Any]) -> str:
     """The fingerprint of a run: sha256 of its identity settings as canonical JSON."""
     identity = {key: settings[key] for key in IDENTITY_KEYS}
+    identity.update({key: settings[key] for key, default in OPTIONAL_IDENTITY.items()
+                     if settings.get(key, default) != default})
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
@@ -197,8 +203,10 @@ def open_folder(path, settings: Dict[str, Any], *, chunk_size_given: bool = True
         settings = dict(settings)
         if not chunk_size_given:
             settings["chunk_size"] = stored["chunk_size"]
+        stored = dict(OPTIONAL_IDENTITY, **stored)  # a manifest from before a key existed had its default
         differences = [f"{key} {_describe(stored[key])} there, {_describe(settings[key])} here"
-                       for key in IDENTITY_KEYS if json.loads(json.dumps(stored[key])) != settings[key]]
+                       for key in (*IDENTITY_KEYS, *OPTIONAL_IDENTITY)
+                       if json.loads(json.dumps(stored[key])) != settings.get(key, OPTIONAL_IDENTITY.get(key))]
         if differences:
             hint = (" (leave --chunk-size out to take the folder's)" if differences[0].startswith("chunk_size")
                     else "")
@@ -310,6 +318,7 @@ def npz_metadata(settings: Dict[str, Any]) -> Dict[str, Any]:
         prediction_type=settings["prediction_type"], variance_type=settings["variance_type"],
         clip_denoised=settings["clip_denoised"], num_train_timesteps=settings["num_train_timesteps"],
         timesteps=np.asarray(settings["timesteps"], dtype=np.int64), value_range=[-1.0, 1.0],
+        model_dtype=settings.get("model_dtype", OPTIONAL_IDENTITY["model_dtype"]),
     )
 
 

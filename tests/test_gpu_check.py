@@ -21,7 +21,7 @@ def test_gpu_check_dry_run_writes_every_stage(tmp_path):
                           capture_output=True, text=True, timeout=600)
     log = (out / "log.txt").read_text() if (out / "log.txt").exists() else done.stdout + done.stderr
     assert done.returncode == 0, log
-    for stage in ("env", "tune", "syncs", "kernels"):
+    for stage in ("env", "tune", "syncs", "kernels", "throughput"):
         assert f"=== {stage}: exit 0" in log, log
     with tarfile.open(out / "results.tgz") as archive:
         names = set(archive.getnames())
@@ -34,3 +34,16 @@ def test_gpu_check_dry_run_writes_every_stage(tmp_path):
     assert all(row["same_as_first_shape"] in (None, True) for row in steps)
     syncs = json.loads((out / "files" / "syncs.json").read_text())
     assert any(row["case"].startswith("fastddpm.sample") for row in syncs["rows"])
+    # The throughput stage: one row per (system, setting, batch), the fields the issue names.
+    [throughput_file] = (out / "files" / "bench").glob("*/*-throughput.json")
+    rows = json.loads(throughput_file.read_text())["throughput"]
+    assert {row["system"] for row in rows} == {"fastddpm", "diffusers"}
+    assert any(row["batch_label"] == "auto" for row in rows)
+    for row in rows:
+        assert row["status"] == "ok", row
+        for key in ("setting", "batch_size", "samples_per_s", "projected_50k_s", "peak_memory_bytes", "timing"):
+            assert key in row, (key, row)
+        if row["system"] == "fastddpm":
+            assert row["model_only_samples_per_s"] > 0 and row["outside_model_share"] < 1
+    assert len({(row["system"], row["setting"], row["batch_label"]) for row in rows}) == len(rows)
+    assert not list((out / "files" / "bench").glob("*/*.partial.json"))  # replaced by the whole file

@@ -21,6 +21,8 @@ _DIGITS = "digits"
 def configure_parser(parser) -> None:
     import argparse
 
+    from .common import add_model_arguments
+
     parser.add_argument("--checkpoint", default=None, metavar="PATH",
                         help="fastddpm checkpoint or diffusers model / pipeline folder (default: the shipped digits "
                              "model)")
@@ -46,6 +48,7 @@ def configure_parser(parser) -> None:
     parser.add_argument("--classifier-cache", default=None,
                         help="folder caching the digit classifier (default $FASTDDPM_CACHE or ~/.cache/fastddpm)")
     parser.add_argument("--json", dest="json_path", default=None, help="write every number to this JSON file")
+    add_model_arguments(parser)
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
 
 
@@ -84,6 +87,7 @@ def _print_report(report: Dict[str, Any]) -> None:
         seeds = report["seeds"]
         rows.append(("sampler", f"{report['sampler']}, {report['steps']} steps"
                      + (f", eta {report['eta']}" if report["sampler"] == "ddim" else "")
+                     + (f", model in {report['model_dtype']}" if report.get("model_dtype", "fp32") != "fp32" else "")
                      + f", seeds {' '.join(map(str, seeds))}, {report['sample_seconds']:.1f} s"))
         per_seed = report["quality_per_seed"]
 
@@ -153,8 +157,9 @@ def _run(args) -> int:
     from fastddpm.devices import resolve_device
     from fastddpm.outputs import check_writable
 
-    from .common import load_checkpoint_argument
+    from .common import load_checkpoint_argument, model_dtype_name, model_options_of
 
+    options = model_options_of(args)
     device = resolve_device(args.device, argument="--device")
     if args.json_path:  # before any work: the report must have somewhere to go
         check_writable(args.json_path, "--json")
@@ -175,6 +180,8 @@ def _run(args) -> int:
         data=data, sampler=args.sampler, steps=steps, eta=args.eta, seeds=list(args.seeds),
         prediction_type=pretrained.prediction_type, variance_type=pretrained.variance_type,
         clip_denoised=clip_denoised, num_timesteps=pretrained.schedule.num_timesteps, device=str(device),
+        model_dtype=model_dtype_name(options, pretrained.model), channels_last=options.channels_last,
+        compile=options.compile is not None,
         command="fastddpm eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else None,
     )
 
@@ -193,7 +200,8 @@ def _run(args) -> int:
                 pretrained.model, (args.num_samples,) + tuple(pretrained.sample_shape), schedule=pretrained.schedule,
                 num_steps=steps, sampler=args.sampler, eta=args.eta, prediction_type=pretrained.prediction_type,
                 variance_type=pretrained.variance_type, clip_denoised=clip_denoised, clip_range=clip_range,
-                seed=seed, device=device, progress=args.progress)
+                seed=seed, device=device, progress=args.progress, model_dtype=options.dtype,
+                channels_last=options.channels_last, compile=dict(options.compile) if options.compile else False)
             if data == _DIGITS:
                 per_seed.append(evaluate_digit_samples(samples, seed=seed, classifier=classifier))
             else:
@@ -208,8 +216,11 @@ def _run(args) -> int:
         heldout, _ = load_digits("test", image_size=pretrained.sample_shape[-1])
         if args.bound_images is not None:
             heldout = heldout[: args.bound_images]
+        from fastddpm.acceleration import prepare_model
+
+        # The bound's model calls run as the samples' do (--dtype, --channels-last, --compile).
         result = variational_bound(
-            pretrained.model, heldout.to(device), pretrained.schedule, prediction_type=pretrained.prediction_type,
+            prepare_model(pretrained.model, options, device), heldout.to(device), pretrained.schedule, prediction_type=pretrained.prediction_type,
             variance_type=pretrained.variance_type, clip_denoised=clip_denoised, seed=args.seeds[0],
             batch_size=args.batch_size, progress=args.progress)
         report["bound"] = result.to_dict()

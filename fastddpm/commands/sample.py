@@ -26,7 +26,9 @@ from typing import Callable, Optional
 
 import torch
 
+from ..acceleration import CPU_DEFAULT_BATCH_SIZE
 from ..samplers import SAMPLERS
+from .common import add_model_arguments, model_dtype_name, model_options_of
 
 # Sample indices are 32-bit in the noise stream (the Philox counter's sample word).
 _MAX_SAMPLES = 2**32
@@ -55,9 +57,11 @@ def configure_parser(parser) -> None:
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale, 0 = deterministic (default 0)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the Philox noise; sample k draws the noise of index k (default 0)")
-    parser.add_argument("--batch-size", type=int, default=None, metavar="B",
-                        help="samples per model call; does not change the samples (beyond the model's rounding) "
-                             f"(default: all in one batch for an image --out, {DEFAULT_FOLDER_BATCH} for a folder)")
+    parser.add_argument("--batch-size", type=_batch_size_argument, default=None, metavar="B|auto",
+                        help="samples per model call; does not change the samples (beyond the model's rounding); "
+                             "auto: the largest batch whose trial forward passes fit in the GPU's free memory "
+                             f"({CPU_DEFAULT_BATCH_SIZE} on a CPU) (default: all in one batch for an image --out, "
+                             f"{DEFAULT_FOLDER_BATCH} for a folder)")
     parser.add_argument("--device", default="auto",
                         help="auto (cuda when available), cpu, cuda, cuda:1, ...; under torchrun cuda means "
                              "cuda:LOCAL_RANK")
@@ -73,7 +77,20 @@ def configure_parser(parser) -> None:
                              "it they are reported and the run stops")
     parser.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
                         help="replay each step from a CUDA graph on GPU (default auto: fall back if capture fails)")
+    add_model_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _batch_size_argument(text: str):
+    """``--batch-size``: a positive int, or ``auto``."""
+    import argparse
+
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive int or auto, got {text!r}") from None
 
 
 def run(args) -> int:
@@ -104,7 +121,7 @@ def _check_args(args) -> None:
         raise CommandError(f"--num-samples must lie in [1, 2**32], got {args.num_samples}")
     if args.steps is not None and args.steps < 1:
         raise CommandError(f"--steps must be >= 1, got {args.steps}")
-    if args.batch_size is not None and args.batch_size < 1:
+    if isinstance(args.batch_size, int) and args.batch_size < 1:
         raise CommandError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.chunk_size is not None and args.chunk_size < 1:
         raise CommandError(f"--chunk-size must be >= 1, got {args.chunk_size}")
@@ -114,6 +131,7 @@ def _check_args(args) -> None:
         raise CommandError("--eta applies to --sampler ddim only")
     if not 0 <= args.seed < _SEED_LIMIT:
         raise CommandError(f"--seed must lie in [0, 2**63), got {args.seed}")
+    args.model_options = model_options_of(args)
 
 
 def _folder_of(out: str) -> Optional[Path]:
@@ -164,6 +182,24 @@ def _load(args, device: torch.device, show_notes: bool = True):
     return loaded, steps
 
 
+def _batch_size(args, loaded, device: torch.device, default: int) -> int:
+    """``--batch-size`` as a number: given, ``auto`` (measured, :func:`fastddpm.acceleration.auto_batch_size`;
+    at most the samples to draw), or ``default``."""
+    if args.batch_size is None:
+        return default
+    if args.batch_size != "auto":
+        return args.batch_size
+    from fastddpm.acceleration import auto_batch_size
+
+    try:
+        batch, account = auto_batch_size(loaded.model, loaded.sample_shape, device=device,
+                                         options=args.model_options, limit=args.num_samples)
+    except RuntimeError as error:
+        raise CommandError(f"--batch-size auto: {error}") from None
+    print(f"--batch-size auto: {account}", file=sys.stderr)
+    return batch
+
+
 def _draw(loaded, args, steps: int, device: torch.device, first: int, count: int, batch_size: int,
           progress: bool, after_batch: Optional[Callable[[int], None]] = None) -> torch.Tensor:
     """Samples ``[first, first + count)`` of the run, in batches of ``batch_size``: batch position
@@ -180,6 +216,8 @@ def _draw(loaded, args, steps: int, device: torch.device, first: int, count: int
                 variance_type=loaded.variance_type, clip_denoised=loaded.clip_denoised,
                 clip_range=loaded.clip_range, seed=args.seed, first_index=start, device=device, progress=progress,
                 cuda_graph={"auto": "auto", "on": True, "off": False}[args.cuda_graph],
+                model_dtype=args.model_options.dtype, channels_last=args.model_options.channels_last,
+                compile=dict(args.model_options.compile) if args.model_options.compile is not None else False,
             )
         except ValueError as error:  # e.g. the model's output does not fit the sample shape
             raise CommandError(f"sampling failed: {error}") from error
@@ -207,7 +245,7 @@ def _sample_to_image(args, out_path: Path) -> int:
     start = time.perf_counter()
     loaded, steps = _load(args, device)
     load_seconds = time.perf_counter() - start
-    batch_size = args.batch_size or args.num_samples
+    batch_size = _batch_size(args, loaded, device, args.num_samples)
     num_batches = -(-args.num_samples // batch_size)
     done = [0]
     try:
@@ -220,7 +258,8 @@ def _sample_to_image(args, out_path: Path) -> int:
     sample_seconds = time.perf_counter() - start - load_seconds
 
     settings = run_settings(loaded, sampler=args.sampler, num_steps=steps, eta=args.eta, seed=args.seed,
-                            num_samples=args.num_samples, chunk_size=args.num_samples)
+                            num_samples=args.num_samples, chunk_size=args.num_samples,
+                            model_dtype=model_dtype_name(args.model_options, loaded.model))
     metadata = dict(npz_metadata(settings), batch_size=batch_size)
     # The raw samples first; if they cannot be written, they are kept elsewhere and the error says where.
     save_or_rescue(lambda path: save_samples_npz(path, samples, **metadata), npz_path, argument="--out",
@@ -311,9 +350,10 @@ def _folder_run(args, folder: Path, rank: int, world_size: int, device: torch.de
 
     start = time.perf_counter()
     loaded, steps = _load(args, device, show_notes=rank == 0)
-    batch_size = args.batch_size or min(args.num_samples, DEFAULT_FOLDER_BATCH)
+    batch_size = _batch_size(args, loaded, device, min(args.num_samples, DEFAULT_FOLDER_BATCH))
     settings = shards.run_settings(loaded, sampler=args.sampler, num_steps=steps, eta=args.eta, seed=args.seed,
-                                   num_samples=args.num_samples, chunk_size=args.chunk_size or batch_size)
+                                   num_samples=args.num_samples, chunk_size=args.chunk_size or batch_size,
+                                   model_dtype=model_dtype_name(args.model_options, loaded.model))
     plan = _open_on_rank0(args, folder, settings, rank, world_size)
     settings = plan["settings"]
     chunks = shards.plan_chunks(settings["num_samples"], settings["chunk_size"])
