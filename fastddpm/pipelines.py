@@ -201,6 +201,11 @@ class AcceleratedPipeline:
                        channels_last=self.options.channels_last,
                        compile=dict(self.options.compile) if self.options.compile is not None else False,
                        **settings, **noise)
+        if generator is not None and self.sampler == "ddpm" and scheduler._chain_start > 0:
+            # diffusers also draws the last step's noise from a timestep above 0 (of standard deviation
+            # 1e-10 with the fixed_small variances, which the fused step leaves out): draw it too, so
+            # that the generator is left where the pipeline leaves it.
+            randn_tensor(shape, generator=generator, device=device, dtype=unet.dtype)
         return self._finish(image, arguments, ImagePipelineOutput)
 
     def _chain(self, scheduler):
@@ -215,8 +220,12 @@ class AcceleratedPipeline:
                 return None
             return scheduler._chain
         if self.sampler == "ddim":
-            if not scheduler._all_shared:
-                self._chain_reason = "timesteps whose DDIM landing steps are not the chain's next ones"
+            # fastddpm.sample walks every level of the chain: each step must land on the next
+            # timestep (diffusers' DDIM lands on t - T // n, which "trailing" spacing and some step
+            # counts put between two timesteps).
+            if not scheduler._all_shared or scheduler._shared.num_timesteps != len(scheduler._host_timesteps):
+                self._chain_reason = ("DDIM steps that land between two of its timesteps (t - T // n is not the next "
+                                      "timestep; e.g. 'trailing' spacing)")
                 return None
             return scheduler._shared
         if scheduler._chain is None:
