@@ -287,3 +287,74 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result_without_writing_a_chun
     # An uninterrupted run (in batches of 8: the same samples within the bound).
     assert _sample_command(*argv[:4], "--batch-size", 8, "--seed", 3, "--out", tmp_path / "whole") == 0
     assert np.abs(_folder_samples(tmp_path / "killed") - _folder_samples(tmp_path / "whole")).max() <= BOUND
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. several nodes: two torchrun launchers on one machine stand for two nodes
+# ---------------------------------------------------------------------------------------------
+def _free_port():
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _start_nodes(argv, cwd, job):
+    """Two ``torchrun --nnodes 2`` launchers (one process each) meeting at a c10d rendezvous on
+    127.0.0.1: the README's multi-node command, with both "nodes" on this machine."""
+    port = _free_port()
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", job,
+                "--local-addr", "127.0.0.1", "--max-restarts", "0",
+                "-m", "fastddpm", "sample", *map(str, argv), "--sampler", "ddpm"]
+    return [subprocess.Popen(launcher, cwd=cwd, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for _ in range(2)]
+
+
+def _workers_of(launchers):
+    """The worker processes (children) of the launchers, read from /proc."""
+    parents = {process.pid for process in launchers}
+    workers = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) in parents:
+            workers.append(int(stat.parent.name))
+    return workers
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads worker processes from /proc")
+def test_two_nodes_write_the_one_process_chunks_and_a_killed_rank_resumes_without_drawing_twice(tmp_path):
+    argv = ["--num-samples", 32, "--steps", 20, "--batch-size", 1, "--seed", 3, "--device", "cpu", "--no-progress"]
+    # One process, uninterrupted: the reference chunks.
+    assert _sample_command(*argv, "--out", tmp_path / "one") == 0
+
+    nodes = _start_nodes([*argv, "--out", "nodes"], tmp_path, "fastddpm-test-kill")
+    _wait_for_a_chunk(nodes[0], tmp_path / "nodes")
+    deadline = time.monotonic() + 60
+    while len(_workers_of(nodes)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    workers = _workers_of(nodes)
+    assert len(workers) == 2, workers
+    os.kill(workers[0], signal.SIGKILL)  # one rank dies mid-run; torchrun stops the run
+    outputs = [node.communicate(timeout=120) for node in nodes]
+    assert all(node.returncode != 0 for node in nodes), [out[1][-1500:] for out in outputs]
+    kept = {path.name: (path.stat().st_ino, path.stat().st_mtime_ns) for path in _chunks(tmp_path / "nodes")}
+    assert 1 <= len(kept) < 32, len(kept)  # stopped midway
+
+    # The same two-node command again finishes the run.
+    nodes = _start_nodes([*argv, "--out", "nodes"], tmp_path, "fastddpm-test-resume")
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), [out[1][-2000:] for out in outputs]
+    assert any("2 process(es)" in out[0] for out in outputs)
+    again = {path.name: (path.stat().st_ino, path.stat().st_mtime_ns) for path in _chunks(tmp_path / "nodes")}
+    assert sorted(again) == [path.name for path in _chunks(tmp_path / "one")]
+    assert all(again[name] == kept[name] for name in kept)  # no chunk drawn twice
+    ranks = {int(np.load(tmp_path / "nodes" / name)["rank"]) for name in again if name not in kept}
+    assert ranks == {0, 1}  # both nodes drew chunks in the resumed run
+    # The same samples as one process (batch 1 on both sides: the same arithmetic).
+    assert np.abs(_folder_samples(tmp_path / "nodes") - _folder_samples(tmp_path / "one")).max() <= BOUND
