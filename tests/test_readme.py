@@ -45,3 +45,17 @@ def test_the_scheduler_swap_snippet_runs_as_written(one_cpu_thread):
     x, scheduler = namespace["x"], namespace["scheduler"]
     assert type(scheduler).__module__ == "fastddpm.schedulers"
     assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all()
+
+
+def test_the_accelerate_snippet_runs_as_written(one_cpu_thread):
+    """The README's "One line for an existing diffusers pipeline" example runs and draws images."""
+    pytest.importorskip("diffusers")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### One line for an existing diffusers pipeline", 1)[1].split("\n### ", 1)[0]
+    snippets = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(snippets) == 1
+    namespace = {}
+    exec(compile(snippets[0], "README.md", "exec"), namespace)
+    pipe, images = namespace["pipe"], namespace["images"]
+    assert type(pipe).__name__ == "AcceleratedPipeline"
+    assert len(images) == 4 and images[0].size == (8, 8)
