@@ -230,3 +230,45 @@ def test_npz_round_trip_without_pickle(tmp_path):
     assert data["samples"].dtype == np.float32 and str(data["sampler"]) == "ddim"
     with pytest.raises(TypeError, match="metadata"):
         save_samples_npz(tmp_path / "o.npz", torch.zeros(1, 1, 2, 2), bad={"a": 1})
+
+
+# ---------------------------------------------------------------------------------------------
+# how the model runs: --dtype, --channels-last, --compile, --batch-size auto
+# ---------------------------------------------------------------------------------------------
+def test_dtype_runs_the_model_in_bf16_and_records_it(tmp_path):
+    # The shipped digits model (a trained one: the precision shows in its samples).
+    argv = ["--num-samples", 8, "--steps", 5, "--device", "cpu", "--sampler", "dpmpp_2m"]
+    assert _run(*argv, "--out", tmp_path / "fp32.png") == 0
+    assert _run(*argv, "--dtype", "bf16", "--channels-last", "--out", tmp_path / "bf16.png") == 0
+    exact, low = np.load(tmp_path / "fp32.npz"), np.load(tmp_path / "bf16.npz")
+    assert str(exact["model_dtype"]) == "fp32" and str(low["model_dtype"]) == "bf16"
+    assert low["samples"].dtype == np.float32
+    difference = np.abs(low["samples"] - exact["samples"]).max()
+    assert 0 < difference <= 0.15, difference  # bf16 rounding over 5 steps (measured <= 0.06)
+
+
+def test_a_folder_keeps_its_model_precision(tmp_path, capsys):
+    argv = ["--num-samples", 4, "--steps", 3, "--device", "cpu", "--out", tmp_path / "run"]
+    assert _run(*argv, "--dtype", "bf16") == 0
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["run"]["model_dtype"] == "bf16"
+    capsys.readouterr()
+    assert _run(*argv) == 1
+    assert "model_dtype 'bf16' there, 'fp32' here" in capsys.readouterr().err
+    assert _run(*argv, "--dtype", "bf16", "--compile") == 0  # compilation changes no setting of the run
+
+
+def test_batch_size_auto_on_a_cpu_takes_the_stated_default(tmp_path, capsys):
+    assert _run("--num-samples", 70, "--steps", 2, "--device", "cpu", "--batch-size", "auto",
+                "--out", tmp_path / "auto") == 0
+    captured = capsys.readouterr()
+    assert "--batch-size auto: batch size 64" in captured.err
+    chunk = np.load(tmp_path / "auto" / "chunk-000000.npz")
+    assert int(chunk["batch_size"]) == 64 and chunk["samples"].shape[0] == 64
+
+
+def test_a_batch_size_neither_a_number_nor_auto_is_one_line(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["sample", "--batch-size", "many", "--no-progress"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "--batch-size: must be a positive int or auto, got 'many'" in err and "Traceback" not in err

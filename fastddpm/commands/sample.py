@@ -88,7 +88,7 @@ def _batch_size_argument(text: str):
     if text == "auto":
         return text
     try:
-        return int(text)
+        return int(text)  # a number below 1 is refused with the other checks (_check_args)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a positive int or auto, got {text!r}") from None
 
