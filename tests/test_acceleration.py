@@ -216,3 +216,29 @@ def test_auto_batch_size_on_a_gpu_samples_at_the_batch_it_picks():
     assert 1 <= batch <= 256, account
     samples = fastddpm.sample(model, (batch, 1, 8, 8), sampler="ddim", num_steps=2, seed=0, progress=False)
     assert samples.shape[0] == batch
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_options_inside_the_cuda_graph_give_the_eager_samples_and_compile_traces_once(no_tf32):
+    from torch._dynamo.utils import counters
+
+    pretrained = fastddpm.load_pretrained(device="cuda")
+    shape = (16, *pretrained.sample_shape)
+
+    def draw(**options):
+        return fastddpm.sample(pretrained.model, shape, schedule=pretrained.schedule, sampler="dpmpp_2m",
+                               num_steps=10, seed=0, progress=False, **options)
+
+    for options, tolerance in ((dict(model_dtype="bf16", channels_last=True), 1e-5), (dict(compile=True), 1e-4)):
+        torch._dynamo.reset()
+        counters.clear()
+        eager = draw(cuda_graph=False, **options)
+        graphed = draw(cuda_graph=True, **options)
+        replayed = draw(cuda_graph=True, **options)  # the kept graph, no capture and no compile again
+        # The same prepared model either way: the graph replays its kernels (bf16: bitwise up to
+        # cuDNN's per-call algorithm choice; inductor: its kernels launched eagerly vs replayed).
+        torch.testing.assert_close(graphed, eager, rtol=0, atol=tolerance)
+        assert torch.equal(graphed, replayed)
+        if "compile" in options:
+            assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])

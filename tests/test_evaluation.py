@@ -338,6 +338,25 @@ def test_eval_command_writes_json_for_a_digits_model(tmp_path, tmp_path_factory,
     assert list(cache.glob("digit_classifier_*.pt"))
 
 
+def test_eval_command_runs_the_model_in_the_precision_asked_for(tmp_path, tmp_path_factory, monkeypatch):
+    from fastddpm.cli import main
+
+    monkeypatch.setenv("FASTDDPM_CACHE", str(tmp_path_factory.getbasetemp() / "fastddpm-classifier-cache"))
+    reports = {}
+    for dtype in ("fp32", "bf16"):
+        out = tmp_path / f"{dtype}.json"
+        # the shipped digits model: trained, so the precision shows in the bound and the samples
+        assert main(["eval", "--num-samples", "16", "--steps", "5", "--sampler", "dpmpp_2m", "--seed", "0",
+                     "--bound-images", "4", "--dtype", dtype, "--channels-last", "--json", str(out),
+                     "--no-progress"]) == 0
+        reports[dtype] = json.loads(out.read_text())
+    assert reports["bf16"]["model_dtype"] == "bf16" and reports["bf16"]["channels_last"] is True
+    exact, low = reports["fp32"]["bound"]["bits_per_dim"], reports["bf16"]["bound"]["bits_per_dim"]
+    # bf16 moves the bound, but only a little (its rounding, not another model): measured ~1e-3 bits/dim
+    assert exact != low and abs(exact - low) < 0.05 * exact
+    assert reports["fp32"]["quality"]["fd"] != reports["bf16"]["quality"]["fd"]
+
+
 def test_eval_command_on_a_toy_model_and_bad_arguments(tmp_path, capsys):
     from fastddpm.cli import main
 
