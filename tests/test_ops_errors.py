@@ -149,6 +149,28 @@ def test_triton_backend_needs_cuda_tensors():
     assert out.isnan().all()
 
 
+def test_forcing_triton_on_cpu_tensors_is_one_line_in_every_path(monkeypatch):
+    """What 23 tests hit on a GPU host (GPU run 3): FASTDDPM_BACKEND=triton while the tensors are
+    on the CPU. The scheduler's step and sample() say so in one line, before any model call."""
+    pytest.importorskip("triton")
+    diffusers = pytest.importorskip("diffusers")  # noqa: F841
+    import fastddpm
+
+    monkeypatch.setenv("FASTDDPM_BACKEND", "triton")
+    scheduler = fastddpm.DDPMScheduler(num_train_timesteps=10)
+    scheduler.set_timesteps(10)
+    x = torch.randn(2, 1, 4, 4)
+    with pytest.raises(ValueError) as error:
+        scheduler.step(torch.randn_like(x), scheduler.timesteps[0], x)
+    assert str(error.value).startswith("backend='triton' needs CUDA tensors, got device cpu")
+    assert "\n" not in str(error.value)
+    calls = []
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        fastddpm.sample(lambda x, t: calls.append(1) or x, (1, 1, 2, 2), num_steps=2, seed=0, progress=False,
+                        device="cpu")
+    assert not calls
+
+
 def test_kernels_reject_float64():
     with pytest.raises(TypeError, match="float64"):
         ops.ddpm_step(tensor(dtype=torch.float64), 3, tensor(dtype=torch.float64), SCHEDULE, seed=0,

@@ -58,7 +58,8 @@ def _fake_checkpoint(monkeypatch, model=None, schedule=None):
 
     def load_pretrained(path=None, *, device="cpu"):
         calls.append(path)
-        return Pretrained(model=(model or _Conv()).eval(), schedule=schedule or NoiseSchedule.linear(10),
+        # on the device the command picked, as the real loader puts it (cuda on a GPU host)
+        return Pretrained(model=(model or _Conv()).to(device).eval(), schedule=schedule or NoiseSchedule.linear(10),
                           sample_shape=(1, 4, 4), config={"data": {"name": "digits"}}, source="fake.safetensors")
 
     monkeypatch.setattr("fastddpm.checkpoint.load_pretrained", load_pretrained)
@@ -224,7 +225,9 @@ def test_signals_stop_train_with_a_saved_checkpoint_and_sample_with_one_line(tmp
     runs = {
         "sigint": (_start([*train_args, "--out", "int"], tmp_path), signal.SIGINT, 130),
         "sigterm": (_start([*train_args, "--out", "term"], tmp_path), signal.SIGTERM, 143),
-        "sample": (_start(["sample", "--num-samples", "512", "--out", "s.png"], tmp_path), signal.SIGINT, 130),
+        # On the CPU: a GPU draws these 512 samples before the signal arrives.
+        "sample": (_start(["sample", "--num-samples", "512", "--out", "s.png", "--device", "cpu"], tmp_path),
+                   signal.SIGINT, 130),
     }
     for name, (process, signum, _) in runs.items():
         _wait_for(process, r"\| [1-9]\d*/\d+ ")  # the progress bar has counted a finished step

@@ -10,7 +10,7 @@ from fastddpm import NoiseSchedule, reference
 from fastddpm.sampling import sample
 from fastddpm.step import StepSpec
 
-from conftest import KERNEL_BACKEND, requires_cuda, requires_triton
+from conftest import KERNEL_BACKEND, KERNEL_DEVICE, requires_cuda, requires_triton
 
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -705,7 +705,8 @@ def test_the_loop_creates_no_tensor_from_a_python_number_per_step(monkeypatch):
 
     def count(steps, **kwargs):
         made.clear()
-        sample(model, (2, 1, 4, 4), num_steps=steps, seed=3, progress=False, backend=KERNEL_BACKEND, **kwargs)
+        sample(model, (2, 1, 4, 4), num_steps=steps, seed=3, progress=False, backend=KERNEL_BACKEND,
+               device=KERNEL_DEVICE, **kwargs)
         return len(made)
 
     for kwargs in (dict(), dict(sampler="ddim", eta=0.5), dict(sampler="dpmpp_2m")):

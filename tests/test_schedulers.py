@@ -64,8 +64,10 @@ class LinearModel:
         return out
 
 
-def run_loop(scheduler, model, *, num_steps=None, timesteps=None, seed=0, step_kwargs=None, use_generator=True):
-    """Sample from noise drawn with the loop's generator; returns the final sample, every
+def run_loop(scheduler, model, *, num_steps=None, timesteps=None, seed=0, step_kwargs=None, use_generator=True,
+             device="cpu"):
+    """Sample from noise drawn with the loop's generator (a CPU generator, whose draws are moved
+    to ``device`` as diffusers' ``randn_tensor`` moves them); returns the final sample, every
     predicted x_0, the timesteps, each step's previous_timestep (when the scheduler has it) and
     the generator's state at the end (equal states: the same number of draws)."""
     if timesteps is not None:
@@ -73,7 +75,7 @@ def run_loop(scheduler, model, *, num_steps=None, timesteps=None, seed=0, step_k
     else:
         scheduler.set_timesteps(num_steps)
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(SHAPE, generator=generator)
+    x = torch.randn(SHAPE, generator=generator).to(device)
     pred_x0, previous = [], []
     for t in scheduler.timesteps:
         if hasattr(scheduler, "previous_timestep"):
@@ -82,8 +84,8 @@ def run_loop(scheduler, model, *, num_steps=None, timesteps=None, seed=0, step_k
                              **(step_kwargs or {}))
         x = out.prev_sample
         pred_x0.append(out.pred_original_sample)
-    return dict(sample=x, pred_x0=torch.stack(pred_x0), timesteps=scheduler.timesteps.clone(), previous=previous,
-                generator_state=generator.get_state())
+    return dict(sample=x.cpu(), pred_x0=torch.stack(pred_x0).cpu(), timesteps=scheduler.timesteps.cpu().clone(),
+                previous=previous, generator_state=generator.get_state())
 
 
 def scaled_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -760,12 +762,14 @@ def test_generator_free_noise_is_the_same_through_the_kernel(monkeypatch, factor
     ("DDIMScheduler", dict(set_alpha_to_one=False, prediction_type="v_prediction"), dict(eta=1.0)),
 ])
 def test_kernel_loop_with_a_generator_matches_diffusers(monkeypatch, name, config, step_kwargs):
+    # The kernel backend and the device it runs on come together (conftest): triton on CUDA
+    # tensors on a GPU host, the interpreter on CPU tensors elsewhere.
     monkeypatch.setenv("FASTDDPM_BACKEND", KERNEL_BACKEND)
     model = LinearModel(1, config.get("variance_type", "fixed_small"))
     ours = run_loop(getattr(fastddpm, name)(num_train_timesteps=100, **config), model, num_steps=5,
-                    step_kwargs=step_kwargs)
+                    step_kwargs=step_kwargs, device=KERNEL_DEVICE)
     theirs = run_loop(getattr(diffusers, name)(num_train_timesteps=100, **config), model, num_steps=5,
-                      step_kwargs=step_kwargs)
+                      step_kwargs=step_kwargs, device=KERNEL_DEVICE)
     assert_loops_match(ours, theirs)
 
 
@@ -888,7 +892,8 @@ DPM_TOLERANCE = 5e-6
 
 @pytest.fixture
 def dpm_calls(monkeypatch):
-    """Counts the fused DPM-Solver++(2M) steps (the kernel through the interpreter on CPU)."""
+    """Counts the fused DPM-Solver++(2M) steps: the kernel backend of KERNEL_DEVICE (the compiled
+    kernel on a GPU host, the interpreter on CPU); the loops put their tensors on KERNEL_DEVICE."""
     monkeypatch.setenv("FASTDDPM_BACKEND", KERNEL_BACKEND)
     calls = []
     real = schedulers._dpmpp_2m
@@ -901,14 +906,14 @@ def dpm_calls(monkeypatch):
     return calls
 
 
-def dpm_loop(scheduler, model, num_steps, *, per_step_reference=None, dtype_at=None):
-    """The loop; with ``per_step_reference`` (a diffusers scheduler) each step is also run by it
-    from the same inputs, and the worst scaled per-step error is returned too."""
+def dpm_loop(scheduler, model, num_steps, *, per_step_reference=None, dtype_at=None, device=KERNEL_DEVICE):
+    """The loop on ``device``; with ``per_step_reference`` (a diffusers scheduler) each step is also
+    run by it from the same inputs, and the worst scaled per-step error is returned too."""
     torch.manual_seed(0)  # the SDE variants' noise
     scheduler.set_timesteps(num_steps)
     if per_step_reference is not None:
         per_step_reference.set_timesteps(num_steps)
-    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float32).to(device)
     worst = 0.0
     for k, t in enumerate(scheduler.timesteps):
         out = model(x, t)
@@ -921,7 +926,7 @@ def dpm_loop(scheduler, model, num_steps, *, per_step_reference=None, dtype_at=N
             x = expected
         else:
             x = step.float()  # a float64 model output gives a float64 step
-    return x, worst
+    return x.cpu(), worst
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -980,15 +985,16 @@ def test_dpm_first_step_below_the_top_runs_the_parents_step(dpm_calls):
         scheduler = cls()
         scheduler.set_timesteps(10)
         scheduler.set_begin_index(4)
-        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)).to(KERNEL_DEVICE)
         for t in scheduler.timesteps[4:]:
             x = scheduler.step(model(x, t), t, x).prev_sample
-        results.append(x)
+        results.append(x.cpu())
     assert len(dpm_calls) == 5  # the first step (first order below the chain's top) is the parent's
     assert scaled_error(results[0][None], results[1][None]) <= DPM_TOLERANCE
 
 
-def test_dpm_pipeline_matches_diffusers_and_round_trips(tiny_unets, tmp_path, dpm_calls):
+def test_dpm_pipeline_matches_diffusers_and_round_trips(tiny_unets, tmp_path, dpm_calls, monkeypatch):
+    monkeypatch.setenv("FASTDDPM_BACKEND", "interpret")  # the pipeline runs on the CPU, on any host
     unet = tiny_unets[3]
     expected = run_pipeline(diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DPMSolverMultistepScheduler()),
                             num_inference_steps=5)
