@@ -9,7 +9,8 @@
 # OUT_DIR defaults to $OUT (the device tool's folder) or ./gpu_check_out. WHEEL_DIR holds wheels
 # for packages the GPU image lacks (diffusers and its missing requirements), installed offline
 # with pip --no-index; default ../shared/gpu-wheels, else ./.whl. STAGES (environment) picks
-# stages: env tests kernels tune syncs throughput e2e1 e2e128 (default: all, in that order).
+# stages: env tests tests_rest kernels tune syncs throughput e2e1 e2e128 (default: all, in that order;
+# tests_rest, the CPU-only rest of the suite, runs with TESTS=all).
 # FASTDDPM_SOURCE_COMMIT names the commit that was sent, for the results' metadata (the copy of the
 # tree on a lent machine may carry a stale .git); gpu_check.sh records it in env.txt too.
 set -uo pipefail
@@ -23,7 +24,7 @@ if [ -z "$wheels" ]; then
     if [ -d "$candidate" ]; then wheels="$candidate"; break; fi
   done
 fi
-stages="${STAGES:-env tests kernels tune syncs throughput e2e1 e2e128}"
+stages="${STAGES:-env tests tests_rest kernels tune syncs throughput e2e1 e2e128}"
 mkdir -p "$out/files"
 log="$out/log.txt"
 export PYTHONUNBUFFERED=1
@@ -64,11 +65,15 @@ if [ "$dry" = 1 ]; then
 fi
 
 stage env 60 bash -c 'nvidia-smi; python3 -c "import torch, triton, diffusers, fastddpm; print(\"torch\", torch.__version__, \"triton\", triton.__version__, \"diffusers\", diffusers.__version__, torch.cuda.get_device_name())"; echo "source commit: ${FASTDDPM_SOURCE_COMMIT:-unset}"; git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | head'
-# The GPU-facing test files (the rest run the CPU reference path, as in CI); TESTS=all for every file.
-if [ "${TESTS:-gpu}" = all ]; then test_files=(tests); else
-  test_files=(tests/test_kernels.py tests/test_noise.py tests/test_sampling.py tests/test_schedulers.py
-              tests/test_training.py tests/test_cli_sample.py tests/test_ops_errors.py); fi
-stage tests "${TESTS_LIMIT:-150}" python3 -m pytest -q -p xdist -n 16 --junitxml="$out/files/junit.xml" -o addopts="-ra" "${test_files[@]}"
+# The tests: the GPU-facing ones first (marked gpu_facing by tests/conftest.py), then, with
+# TESTS=all, the rest (the CPU reference paths, as in CI). Every failure's traceback is printed as
+# it happens (tests/print_failures.py), so a stage cut short by its limit still says why.
+pytest_gpu=(python3 -m pytest -p xdist -n 16 -p print_failures --tb=short -q -o addopts="-ra")
+export PYTHONPATH="$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
+stage tests "${TESTS_LIMIT:-240}" "${pytest_gpu[@]}" -m gpu_facing --junitxml="$out/files/junit.xml" tests
+if [ "${TESTS:-gpu}" = all ]; then
+  stage tests_rest "${TESTS_REST_LIMIT:-240}" "${pytest_gpu[@]}" -m "not gpu_facing" --junitxml="$out/files/junit-rest.xml" tests
+fi
 stage kernels 170 python3 benchmarks/run.py --only copy kernels --sizes 16M 64M --dtypes fp32 bf16 --out "$out/files/bench"
 stage tune 60 python3 benchmarks/tune.py --sizes 64M --out "$out/files/tune.json"
 stage syncs 60 python3 benchmarks/sync_count.py --out "$out/files/syncs.json"

@@ -67,3 +67,19 @@ def no_tf32():
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+# The test files that exercise a GPU when there is one (kernels, graphs, host syncs, the schedulers
+# on the kernel path, reliability on CUDA, the model options): benchmarks/gpu_check.sh runs the
+# tests marked gpu_facing first, so a GPU session's time limit cuts the CPU-only rest, not them.
+GPU_FACING_FILES = frozenset({
+    "test_kernels.py", "test_noise.py", "test_sampling.py", "test_schedulers.py", "test_ops_errors.py",
+    "test_reliability.py", "test_acceleration.py", "test_pipelines.py", "test_training.py", "test_cli_sample.py",
+    "test_sharded_sampling.py",
+})
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in GPU_FACING_FILES or item.get_closest_marker("gpu"):
+            item.add_marker(pytest.mark.gpu_facing)

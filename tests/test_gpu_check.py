@@ -47,3 +47,28 @@ def test_gpu_check_dry_run_writes_every_stage(tmp_path):
             assert row["model_only_samples_per_s"] > 0 and row["outside_model_share"] < 1
     assert len({(row["system"], row["setting"], row["batch_label"]) for row in rows}) == len(rows)
     assert not list((out / "files" / "bench").glob("*/*.partial.json"))  # replaced by the whole file
+
+
+def test_the_gpu_stage_prints_each_failure_as_it_happens(tmp_path):
+    """tests/print_failures.py: the traceback of a failed test reaches stderr before the next test
+    runs, not only in the summary at the end (a GPU stage can be cut short by its limit)."""
+    (tmp_path / "test_two.py").write_text(
+        "import sys\n"
+        "def test_fails():\n    assert 1 + 1 == 3, 'arithmetic'\n"
+        "def test_next():\n    sys.stderr.write('NEXT TEST RUNNING\\n')\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "print_failures", "--tb=short", "-q", "-s",
+                           "-p", "no:cacheprovider", str(tmp_path / "test_two.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    err = done.stderr
+    assert "=== FAILED test_two.py::test_fails (call)" in err and "arithmetic" in err, err
+    assert err.index("=== FAILED") < err.index("NEXT TEST RUNNING")
+
+
+def test_gpu_facing_tests_are_marked_for_the_gpu_stage():
+    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu_facing",
+                           "-p", "no:cacheprovider", "tests/test_kernels.py", "tests/test_metrics.py"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    collected = [line for line in done.stdout.splitlines() if "::" in line]
+    assert collected and all(line.startswith("tests/test_kernels.py::") for line in collected), done.stdout[-2000:]
