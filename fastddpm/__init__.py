@@ -1,5 +1,7 @@
 """fastddpm: Denoising Diffusion Probabilistic Models with the sampling hot path in Triton."""
 import importlib
+import sys
+import types
 
 from .ops import ddim_step, ddpm_step, q_sample, timestep_embedding
 from .schedule import NoiseSchedule, make_betas
@@ -25,7 +27,54 @@ _LAZY = {
     "auto_batch_size": "acceleration",
 }
 
+
+
+class _Pending(types.ModuleType):
+    """Stands in ``sys.modules`` for a submodule not imported yet: the first use of one of its names
+    imports it, and every later use goes to the real module (attribute reads, writes and deletes;
+    dunder look-ups, which module scanners make, answer without importing it)."""
+
+    def _real(self):
+        full_name = object.__getattribute__(self, "__name__")
+        if sys.modules.get(full_name) is self:
+            del sys.modules[full_name]
+        return importlib.import_module(full_name)
+
+    def __getattr__(self, name):
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        return getattr(self._real(), name)
+
+    def __setattr__(self, name, value):
+        setattr(self._real(), name, value)
+
+    def __delattr__(self, name):
+        delattr(self._real(), name)
+
+    def __dir__(self):
+        return dir(self._real())
+
+
+def _register_lazily(name: str) -> None:
+    """Put ``fastddpm.<name>`` in ``sys.modules`` now, to be imported on first use.
+
+    diffusers loads a pipeline component recorded as ``["fastddpm.schedulers", "DDPMScheduler"]``
+    only from a module already in ``sys.modules`` (it never imports a module a repository names), so
+    after ``import fastddpm`` alone a saved pipeline with our scheduler must find it there; importing
+    it for real would import diffusers on every ``import fastddpm``."""
+    full_name = f"{__name__}.{name}"
+    if full_name not in sys.modules:
+        sys.modules[full_name] = _Pending(full_name)
+
+
+_register_lazily("schedulers")
+
 __all__ = ["NoiseSchedule", "make_betas", "q_sample", "ddpm_step", "ddim_step", "timestep_embedding", *_LAZY]
+
+
+def __dir__():
+    """The module's names, the lazily imported ones (``sample``, ``DDPMScheduler``, ...) included."""
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def __getattr__(name):

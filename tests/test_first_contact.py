@@ -1,0 +1,63 @@
+"""What a new user trips on (issue 25), each checked in a fresh interpreter where it depends on
+what was imported before."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _python(code: str, cwd) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_a_saved_pipeline_loads_after_import_fastddpm_alone(tmp_path, tiny_unet):
+    diffusers = pytest.importorskip("diffusers")
+    import fastddpm
+
+    for name in ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler"):
+        pipe = diffusers.DDPMPipeline(unet=tiny_unet, scheduler=getattr(fastddpm, name)())
+        pipe.save_pretrained(tmp_path / name)
+        assert json.loads((tmp_path / name / "model_index.json").read_text())["scheduler"] == [
+            "fastddpm.schedulers", name]
+    done = _python(
+        "import sys, fastddpm\n"
+        "assert 'diffusers' not in sys.modules, 'import fastddpm stays light'\n"
+        "import diffusers\n"
+        "for name in ('DDPMScheduler', 'DDIMScheduler', 'DPMSolverMultistepScheduler'):\n"
+        "    pipe = diffusers.DDPMPipeline.from_pretrained(%r + '/' + name)\n"
+        "    any_pipe = diffusers.DiffusionPipeline.from_pretrained(%r + '/' + name)\n"
+        "    assert type(pipe.scheduler) is getattr(fastddpm, name), type(pipe.scheduler)\n"
+        "    assert type(any_pipe.scheduler).__module__ == 'fastddpm.schedulers'\n"
+        "print('loaded')\n" % (str(tmp_path), str(tmp_path)), tmp_path)
+    assert "loaded" in done.stdout
+
+
+def test_the_pending_schedulers_module_forwards_writes_to_the_real_one(tmp_path):
+    pytest.importorskip("diffusers")
+    _python(
+        "import fastddpm\n"
+        "from fastddpm import schedulers\n"            # the stand-in, not imported yet
+        "marker = object()\n"
+        "schedulers._test_marker = marker\n"           # a write (monkeypatch) imports and reaches the real module
+        "import sys\n"
+        "real = sys.modules['fastddpm.schedulers']\n"
+        "assert real._test_marker is marker and schedulers.DDPMScheduler is real.DDPMScheduler\n"
+        "del schedulers._test_marker\n"
+        "assert not hasattr(real, '_test_marker')\n", tmp_path)
+
+
+def test_dir_of_fastddpm_lists_the_lazy_names_and_they_resolve(tmp_path):
+    done = _python(
+        "import fastddpm\n"
+        "names = dir(fastddpm)\n"
+        "for name in ('sample', 'load_pretrained', 'DDPMScheduler', 'accelerate', 'q_sample'):\n"
+        "    assert name in names, name\n"
+        "assert all(hasattr(fastddpm, name) for name in fastddpm.__all__)\n"
+        "print(len(names))\n", tmp_path)
+    assert int(done.stdout) > 20
