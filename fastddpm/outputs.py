@@ -42,9 +42,10 @@ def describe_os_error(error: OSError) -> str:
 def check_writable(path: PathLike, argument: str, *, folder: bool = False) -> Path:
     """Raise :class:`OutputError` (naming ``argument``) unless files can be written at ``path``.
 
-    ``path`` is the output file (or, with ``folder=True``, the folder outputs go into). Missing
-    folders are created, as writing the output would; then a one-byte file is created beside the
-    output (inside the folder) and removed again. Returns ``path`` as a :class:`Path`.
+    ``path`` is the output file (or, with ``folder=True``, the folder outputs go into). A one-byte
+    file is created in the nearest folder on the way that exists, and removed again; missing folders
+    are not created here (the write creates them, :func:`atomic_write`), so a command that fails
+    before it writes leaves no empty folder behind. Returns ``path`` as a :class:`Path`.
     """
     path = Path(path)
     directory = path if folder else path.parent
@@ -58,9 +59,11 @@ def check_writable(path: PathLike, argument: str, *, folder: bool = False) -> Pa
                 raise OutputError(f"{argument} {str(path)!r}: {str(parent)!r} is a file, not a folder; "
                                   "expected a path in a writable folder")
             break
+    existing = directory
+    while not existing.is_dir():
+        existing = existing.parent
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=directory)
+        handle, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=existing)
         try:
             os.write(handle, b"\0")
         finally:

@@ -310,6 +310,26 @@ def set_aside(path, chunk: Chunk) -> Path:
     return target
 
 
+def discard_unused(path, *, remove_folder: bool) -> bool:
+    """After a run that failed: if ``path`` holds nothing but this run's manifest (no chunk was
+    written), remove the manifest, and the folder too with ``remove_folder`` (it did not exist
+    before the run). Returns whether anything was removed; a folder with chunks is left as it is."""
+    path = Path(path)
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return False
+    if names != [MANIFEST_NAME]:
+        return False
+    (path / MANIFEST_NAME).unlink()
+    if remove_folder:
+        try:
+            path.rmdir()
+        except OSError:
+            pass
+    return True
+
+
 def npz_metadata(settings: Dict[str, Any]) -> Dict[str, Any]:
     """The metadata a samples ``.npz`` carries (the one image ``--out`` writes, and a merged folder)."""
     return dict(

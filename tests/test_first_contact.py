@@ -61,3 +61,47 @@ def test_dir_of_fastddpm_lists_the_lazy_names_and_they_resolve(tmp_path):
         "assert all(hasattr(fastddpm, name) for name in fastddpm.__all__)\n"
         "print(len(names))\n", tmp_path)
     assert int(done.stdout) > 20
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. failed commands leave no empty folders
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv", [
+    ["train", "--steps", "0", "--out", "{tmp}/a/run"],
+    ["train", "--lr", "-1", "--out", "{tmp}/a/run"],
+    ["train", "--resume", "/no/such/checkpoint.safetensors", "--out", "{tmp}/a/run"],
+    ["sample", "--checkpoint", "/no/such/checkpoint", "--out", "{tmp}/a/run/"],
+    ["sample", "--checkpoint", "/no/such/checkpoint", "--out", "{tmp}/a/grid.png"],
+    ["eval", "--checkpoint", "/no/such/checkpoint", "--json", "{tmp}/a/report.json"],
+])
+def test_a_command_that_fails_leaves_no_folder_behind(argv, tmp_path, capsys):
+    from fastddpm.cli import main
+
+    assert main([part.format(tmp=tmp_path) for part in argv]) != 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sample_folder_whose_run_stops_on_nan_is_removed_but_an_existing_folder_is_kept(tmp_path, monkeypatch,
+                                                                                         capsys):
+    import torch
+
+    import fastddpm
+    from fastddpm.checkpoint import Pretrained
+    from fastddpm.cli import main
+
+    class Poisoned(torch.nn.Module):
+        def forward(self, x, t):
+            return x * float("nan")
+
+    def load(path=None, *, device="cpu"):
+        return Pretrained(model=Poisoned(), schedule=fastddpm.NoiseSchedule.linear(10), sample_shape=(1, 4, 4),
+                          config={}, source="poisoned")
+
+    monkeypatch.setattr("fastddpm.checkpoint.load_pretrained", load)
+    argv = ["sample", "--num-samples", "4", "--device", "cpu", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "new") + "/"]) != 0
+    assert "NaN" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    assert main([*argv, "--out", str(tmp_path / "mine")]) != 0
+    assert (tmp_path / "mine").is_dir() and list((tmp_path / "mine").iterdir()) == []

@@ -287,13 +287,23 @@ def _sample_to_folder(args, folder: Path) -> int:
     from fastddpm.outputs import check_writable
 
     device = _resolve_device(args.device)
+    existed = folder.exists()
     check_writable(folder, "--out", folder=True)  # before loading anything
     try:
         rank, world_size, device, created_group = distributed.setup(device)
     except (RuntimeError, ValueError) as error:
         raise CommandError(f"could not join the torchrun process group: {error}") from error
+    run = {}  # _folder_run notes there whether this run wrote the folder's manifest
     try:
-        return _folder_run(args, folder, rank, world_size, device)
+        return _folder_run(args, folder, rank, world_size, device, run)
+    except BaseException:
+        # A run that created the folder's manifest and failed before its first chunk leaves nothing
+        # behind (another run's folder, refused, is never touched).
+        if world_size == 1 and run.get("created"):
+            from fastddpm import shards
+
+            shards.discard_unused(folder, remove_folder=not existed)
+        raise
     finally:
         if created_group:
             import torch.distributed as dist
@@ -342,7 +352,7 @@ def _open_on_rank0(args, folder: Path, settings: dict, rank: int, world_size: in
     return plan
 
 
-def _folder_run(args, folder: Path, rank: int, world_size: int, device: torch.device) -> int:
+def _folder_run(args, folder: Path, rank: int, world_size: int, device: torch.device, run: dict) -> int:
     from tqdm import tqdm
 
     from fastddpm import shards
@@ -355,6 +365,7 @@ def _folder_run(args, folder: Path, rank: int, world_size: int, device: torch.de
                                    num_samples=args.num_samples, chunk_size=args.chunk_size or batch_size,
                                    model_dtype=model_dtype_name(args.model_options, loaded.model))
     plan = _open_on_rank0(args, folder, settings, rank, world_size)
+    run["created"] = plan["created"]
     settings = plan["settings"]
     chunks = shards.plan_chunks(settings["num_samples"], settings["chunk_size"])
     expected_id = shards.run_id(settings)
