@@ -77,6 +77,17 @@ def check_writable(path: PathLike, argument: str, *, folder: bool = False) -> Pa
     return path
 
 
+def refuse_existing(paths: Iterable[PathLike], argument: str, *, overwrite: bool) -> None:
+    """Raise :class:`OutputError` naming ``argument`` if any of ``paths`` exists, unless
+    ``overwrite``: an earlier run's output is never replaced without being asked (``--overwrite``)."""
+    if overwrite:
+        return
+    for path in paths:
+        if Path(path).exists():
+            raise OutputError(f"{argument}: {str(path)!r} already exists (an earlier run's output); pass --overwrite "
+                              f"to replace it, or choose another {argument}")
+
+
 def atomic_write(path: PathLike, write: Callable[[str], object]) -> Path:
     """Call ``write(temporary_path)``, fsync, then rename over ``path``; clean up on failure.
 

@@ -105,3 +105,33 @@ def test_a_sample_folder_whose_run_stops_on_nan_is_removed_but_an_existing_folde
     (tmp_path / "mine").mkdir()
     assert main([*argv, "--out", str(tmp_path / "mine")]) != 0
     assert (tmp_path / "mine").is_dir() and list((tmp_path / "mine").iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. an earlier run's outputs are not replaced without --overwrite
+# ---------------------------------------------------------------------------------------------
+def test_samples_of_an_earlier_run_are_not_overwritten_without_being_asked(tmp_path, capsys):
+    import numpy as np
+
+    from fastddpm.cli import main
+
+    argv = ["sample", "--num-samples", "4", "--steps", "3", "--device", "cpu", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "x.jpg")]) == 0
+    first = np.load(tmp_path / "x.npz")["samples"]
+    capsys.readouterr()
+    # another image name, the same .npz: refused, the first run's samples kept
+    assert main([*argv, "--seed", "1", "--out", str(tmp_path / "x.png")]) != 0
+    err = capsys.readouterr().err
+    assert "x.npz' already exists" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert np.array_equal(np.load(tmp_path / "x.npz")["samples"], first) and not (tmp_path / "x.png").exists()
+    assert main([*argv, "--seed", "1", "--out", str(tmp_path / "x.png"), "--overwrite"]) == 0
+    assert not np.array_equal(np.load(tmp_path / "x.npz")["samples"], first)
+
+
+def test_an_eval_report_is_not_overwritten_without_being_asked(tmp_path, capsys):
+    from fastddpm.cli import main
+
+    report = tmp_path / "report.json"
+    report.write_text("{}")
+    assert main(["eval", "--num-samples", "0", "--no-bound", "--json", str(report)]) != 0
+    assert "already exists" in capsys.readouterr().err and report.read_text() == "{}"

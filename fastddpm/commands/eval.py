@@ -48,6 +48,7 @@ def configure_parser(parser) -> None:
     parser.add_argument("--classifier-cache", default=None,
                         help="folder caching the digit classifier (default $FASTDDPM_CACHE or ~/.cache/fastddpm)")
     parser.add_argument("--json", dest="json_path", default=None, help="write every number to this JSON file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     add_model_arguments(parser)
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
 
@@ -155,13 +156,14 @@ def _run(args) -> int:
     _check_args(args)
     import fastddpm
     from fastddpm.devices import resolve_device
-    from fastddpm.outputs import check_writable
+    from fastddpm.outputs import check_writable, refuse_existing
 
     from .common import load_checkpoint_argument, model_dtype_name, model_options_of
 
     options = model_options_of(args)
     device = resolve_device(args.device, argument="--device")
-    if args.json_path:  # before any work: the report must have somewhere to go
+    if args.json_path:  # before any work: the report must have somewhere new to go
+        refuse_existing([args.json_path], "--json", overwrite=args.overwrite)
         check_writable(args.json_path, "--json")
     pretrained = load_checkpoint_argument(args.checkpoint, device)
     for note in pretrained.notes:

@@ -69,6 +69,9 @@ def configure_parser(parser) -> None:
                         help="an image file (the grid; the samples go to the same name with .npz), or a folder (a "
                              "path ending in /, an existing folder or a name without a suffix) for resumable "
                              "chunks and a manifest, the layout torchrun writes (default samples.png)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="an image --out: replace the grid and .npz of an earlier run (without it, existing "
+                             "outputs are refused)")
     parser.add_argument("--chunk-size", type=int, default=None, metavar="C",
                         help="samples per chunk file of a folder --out (default: the batch size; a folder keeps "
                              "the chunk size it was started with)")
@@ -233,12 +236,14 @@ def _draw(loaded, args, steps: int, device: torch.device, first: int, count: int
 def _sample_to_image(args, out_path: Path) -> int:
     from fastddpm.imaging import save_image_grid, save_samples_npz
     from fastddpm.interrupts import Interrupted
-    from fastddpm.outputs import OutputError, check_writable, describe_os_error, save_or_rescue
+    from fastddpm.outputs import OutputError, check_writable, describe_os_error, refuse_existing, save_or_rescue
     from fastddpm.shards import npz_metadata, run_settings
 
     npz_path = out_path.with_suffix(".npz")
     device = _resolve_device(args.device)
-    # Before any work: both outputs must be writable (a temporary file is created and removed).
+    # Before any work: both outputs must be new (or --overwrite) and writable (a temporary file is
+    # created and removed).
+    refuse_existing([out_path, npz_path], "--out", overwrite=args.overwrite)
     check_writable(out_path, "--out")
     check_writable(npz_path, "--out")
 
