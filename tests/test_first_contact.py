@@ -135,3 +135,21 @@ def test_an_eval_report_is_not_overwritten_without_being_asked(tmp_path, capsys)
     report.write_text("{}")
     assert main(["eval", "--num-samples", "0", "--no-bound", "--json", str(report)]) != 0
     assert "already exists" in capsys.readouterr().err and report.read_text() == "{}"
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. a sample count that cannot fit in memory: one line, before any work
+# ---------------------------------------------------------------------------------------------
+def test_a_sample_count_that_cannot_fit_is_refused_in_one_line_under_a_memory_limit(tmp_path):
+    import resource
+
+    def limit():  # an 8 GiB address-space limit, as `ulimit -v` sets
+        resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, 8 * 2**30))
+
+    done = subprocess.run([sys.executable, "-m", "fastddpm", "sample", "--num-samples", "100000000", "--out", "h.png",
+                           "--device", "cpu", "--no-progress"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, preexec_fn=limit)
+    assert done.returncode == 1, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "holds every sample in memory" in lines[0] and "--out DIR/" in lines[0], lines
+    assert list(tmp_path.iterdir()) == []

@@ -33,8 +33,11 @@ from .common import add_model_arguments, model_dtype_name, model_options_of
 # Sample indices are 32-bit in the noise stream (the Philox counter's sample word).
 _MAX_SAMPLES = 2**32
 _SEED_LIMIT = 2**63
-# Batch size of a folder --out when none is given (an image --out draws everything in one batch).
-DEFAULT_FOLDER_BATCH = 64
+# Batch size when none is given (image or folder --out): the samples do not depend on it.
+DEFAULT_BATCH_SIZE = 64
+# An image --out holds every sample in host memory at once: the batches, their concatenation and
+# the .npz writer's copy.
+_IMAGE_OUT_COPIES = 3
 # How often rank 0 looks at the folder to count the other processes' chunks while it waits.
 _POLL_SECONDS = 0.25
 
@@ -60,8 +63,7 @@ def configure_parser(parser) -> None:
     parser.add_argument("--batch-size", type=_batch_size_argument, default=None, metavar="B|auto",
                         help="samples per model call; does not change the samples (beyond the model's rounding); "
                              "auto: the largest batch whose trial forward passes fit in the GPU's free memory "
-                             f"({CPU_DEFAULT_BATCH_SIZE} on a CPU) (default: all in one batch for an image --out, "
-                             f"{DEFAULT_FOLDER_BATCH} for a folder)")
+                             f"({CPU_DEFAULT_BATCH_SIZE} on a CPU) (default {DEFAULT_BATCH_SIZE})")
     parser.add_argument("--device", default="auto",
                         help="auto (cuda when available), cpu, cuda, cuda:1, ...; under torchrun cuda means "
                              "cuda:LOCAL_RANK")
@@ -185,6 +187,37 @@ def _load(args, device: torch.device, show_notes: bool = True):
     return loaded, steps
 
 
+def available_memory_bytes() -> Optional[int]:
+    """Host memory this process can still take: the kernel's MemAvailable, lowered to the address
+    space limit (ulimit -v) where one is set; None where neither is known."""
+    import resource
+
+    limits = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                limits.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        limits.append(soft)
+    return min(limits) if limits else None
+
+
+def _check_fits_in_memory(num_samples: int, sample_shape) -> None:
+    """Before sampling: an image ``--out`` keeps every sample in memory; refuse a count that cannot
+    fit, with what to do instead."""
+    import math
+
+    needed = _IMAGE_OUT_COPIES * num_samples * math.prod(sample_shape) * 4
+    available = available_memory_bytes()
+    if available is not None and needed > available:
+        raise CommandError(f"--num-samples {num_samples}: an image --out holds every sample in memory, about "
+                           f"{needed / 2**30:.1f} GiB, and {available / 2**30:.1f} GiB is available; draw them into "
+                           "a folder instead (--out DIR/ --batch-size 256: resumable chunks, then fastddpm merge DIR)")
+
+
 def _batch_size(args, loaded, device: torch.device, default: int) -> int:
     """``--batch-size`` as a number: given, ``auto`` (measured, :func:`fastddpm.acceleration.auto_batch_size`;
     at most the samples to draw), or ``default``."""
@@ -250,7 +283,8 @@ def _sample_to_image(args, out_path: Path) -> int:
     start = time.perf_counter()
     loaded, steps = _load(args, device)
     load_seconds = time.perf_counter() - start
-    batch_size = _batch_size(args, loaded, device, args.num_samples)
+    _check_fits_in_memory(args.num_samples, loaded.sample_shape)
+    batch_size = _batch_size(args, loaded, device, min(args.num_samples, DEFAULT_BATCH_SIZE))
     num_batches = -(-args.num_samples // batch_size)
     done = [0]
     try:
@@ -365,7 +399,7 @@ def _folder_run(args, folder: Path, rank: int, world_size: int, device: torch.de
 
     start = time.perf_counter()
     loaded, steps = _load(args, device, show_notes=rank == 0)
-    batch_size = _batch_size(args, loaded, device, min(args.num_samples, DEFAULT_FOLDER_BATCH))
+    batch_size = _batch_size(args, loaded, device, min(args.num_samples, DEFAULT_BATCH_SIZE))
     settings = shards.run_settings(loaded, sampler=args.sampler, num_steps=steps, eta=args.eta, seed=args.seed,
                                    num_samples=args.num_samples, chunk_size=args.chunk_size or batch_size,
                                    model_dtype=model_dtype_name(args.model_options, loaded.model))
