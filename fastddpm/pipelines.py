@@ -196,7 +196,8 @@ class AcceleratedPipeline:
             settings["eta"] = eta
         noise = dict(generator=generator) if generator is not None else {}
         progress = not dict(getattr(pipe, "_progress_bar_config", {}) or {}).get("disable", False)
-        image = sample(unet, shape, schedule=chain, sampler=self.sampler, noise=x_t, device=device, dtype=unet.dtype,
+        # num_steps: every level of the drop-in's chain (no respacing by sample()'s default steps).
+        image = sample(unet, shape, schedule=chain, num_steps=chain.num_timesteps, sampler=self.sampler, noise=x_t, device=device, dtype=unet.dtype,
                        progress=progress, cuda_graph=self.cuda_graph, model_dtype=self.options.dtype,
                        channels_last=self.options.channels_last,
                        compile=dict(self.options.compile) if self.options.compile is not None else False,

@@ -21,7 +21,7 @@ import torch
 from . import ops, reference
 from .schedule import NoiseSchedule
 
-__all__ = ["Sampler", "SAMPLERS"]
+__all__ = ["Sampler", "SAMPLERS", "DEFAULT_SAMPLER", "default_steps"]
 
 
 def _no_buffers(run) -> Dict[str, torch.Tensor]:
@@ -87,3 +87,19 @@ SAMPLERS: Dict[str, Sampler] = {
     "dpmpp_2m": Sampler(dpmpp_2m, buffers=lambda run: {"previous_x0": torch.zeros_like(run.x)},
                         schedule=_respace_linspace, default_steps=20),
 }
+
+# The one default of fastddpm.sample, `fastddpm sample` and `fastddpm eval`: DPM-Solver++(2M) at its
+# default 20 steps matched 1000-step DDPM on the shipped model at a fiftieth of the model calls
+# (docs/evaluation.md, "Quality against step count").
+DEFAULT_SAMPLER = "dpmpp_2m"
+
+
+def default_steps(sampler: str, num_timesteps: int) -> int:
+    """The step count of ``sampler`` when none is given: its registry default, at most the trained T
+    (the trained chain for samplers without one)."""
+    return min(SAMPLERS[sampler].default_steps or num_timesteps, num_timesteps)
+
+
+def describe() -> str:
+    """One line per sampler for help texts: its name and default step count."""
+    return "; ".join(f"{name} ({entry.default_steps or 'T'} steps by default)" for name, entry in SAMPLERS.items())

@@ -28,6 +28,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 
 from . import ops, reference
+from .samplers import DEFAULT_SAMPLER, default_steps
 from .samplers import SAMPLERS as _REGISTRY
 from .acceleration import ModelOptions, prepare_model
 from .devices import resolve_device
@@ -56,7 +57,7 @@ def sample(
     *,
     schedule=None,
     num_steps: Optional[int] = None,
-    sampler: str = "ddpm",
+    sampler: Optional[str] = None,
     eta: float = 0.0,
     prediction_type: str = "epsilon",
     variance_type: str = "fixed_small",
@@ -89,10 +90,13 @@ def sample(
         shape: ``(B, C, ...)`` of the samples.
         schedule: the training schedule: a :class:`NoiseSchedule`, a schedule name or a
             sequence of betas; default the DDPM paper's linear schedule with T=1000.
-        num_steps: number of reverse steps, in ``[1, T]``; default ``T`` (the full chain).
-            Fewer steps respace the schedule evenly (:meth:`NoiseSchedule.respace_evenly`:
-            the chain always starts at the last trained timestep), for both samplers.
-        sampler: ``"ddpm"`` (ancestral sampling) or ``"ddim"`` (Song et al., with ``eta``).
+        num_steps: number of reverse steps, in ``[1, T]``; default the sampler's
+            (:func:`fastddpm.samplers.default_steps`: 20 for ``dpmpp_2m``, the trained T for
+            ``ddpm`` and ``ddim``). Fewer than T respace the schedule (each sampler's chain:
+            ``fastddpm.samplers.SAMPLERS[name].schedule``).
+        sampler: a name of the registry :data:`fastddpm.samplers.SAMPLERS`: ``"dpmpp_2m"``
+            (DPM-Solver++(2M), deterministic; the default, as on the command line), ``"ddpm"``
+            (ancestral sampling) or ``"ddim"`` (Song et al., with ``eta``).
         eta: DDIM's noise scale (0: deterministic given x_T; 1: DDPM's posterior variance).
             Only for ``sampler="ddim"``.
         prediction_type: what the model predicts: ``epsilon``, ``sample`` or ``v_prediction``.
@@ -256,6 +260,8 @@ class _Plan:
         shape = _check_shape(shape)
         if isinstance(clip_range, bool):
             raise ValueError(f"clip_range must be a number > 0, got {clip_range!r}")
+        if sampler is None:
+            sampler = DEFAULT_SAMPLER
         spec = StepSpec.build(sampler, prediction_type=prediction_type, variance_type=variance_type,
                               clip_denoised=bool(clip_denoised), clip_range=clip_range, eta=eta)
         seed = _check_seed(seed, generator)
@@ -277,7 +283,10 @@ class _Plan:
 
         trained = as_schedule(schedule)
         sampler_entry = _REGISTRY[spec.sampler]
-        schedule = sampler_entry.schedule(trained, _check_num_steps(num_steps, trained.num_timesteps))
+        num_steps = _check_num_steps(num_steps, trained.num_timesteps)
+        if num_steps is None:
+            num_steps = default_steps(spec.sampler, trained.num_timesteps)
+        schedule = sampler_entry.schedule(trained, num_steps)
         schedule.check_prediction_type(spec.prediction_type)
         device = _resolve_device(device, model, noise)
         dtype = _resolve_dtype(dtype, model)

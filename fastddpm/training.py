@@ -93,6 +93,7 @@ class TrainResult:
     losses: List[Tuple[int, float]] = field(default_factory=list)
     out: Optional[Path] = None
     wall_seconds: float = 0.0
+    start_step: int = 0  # where this call began (the resumed checkpoint's step, else 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,6 +401,7 @@ def _train_loop(*, preset, dataset, overrides, noise_schedule, schedule_name, st
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     start_step = 0
+    resumed_window = None
     if resume_path is not None:
         checkpoint = load_checkpoint(resume_path, model=raw_model, ema=ema.module, optimizer=optimizer, device=device)
         _check_resumable(checkpoint.config, config, resume_path)
@@ -409,6 +411,7 @@ def _train_loop(*, preset, dataset, overrides, noise_schedule, schedule_name, st
             scaler.load_state_dict(checkpoint.extra["grad_scaler"])
         if checkpoint.rng_state is not None:
             restore_rng_state(checkpoint.rng_state)
+        resumed_window = checkpoint.extra.get("log_window")
         if rank == 0:
             print(f"resuming from {str(resume_path)!r} at step {start_step}", file=sys.stderr)
     elif resume_note is not None and rank == 0:
@@ -438,8 +441,16 @@ def _train_loop(*, preset, dataset, overrides, noise_schedule, schedule_name, st
         if out is None:
             return None
         failure: Optional[BaseException] = None
+        # The loss log's open window (steps since the last log line), so that a resumed run logs the
+        # mean over the same steps as an uninterrupted one: the sum's mean over ranks, which every
+        # rank takes back (the logged mean over ranks is then the same, up to float rounding).
+        window_sum = running_loss.detach().clone()
+        if world_size > 1:
+            torch.distributed.all_reduce(window_sum)
+            window_sum /= world_size
         if is_main:
-            extra = {"ema_n_averaged": int(ema.n_averaged.item())}
+            extra = {"ema_n_averaged": int(ema.n_averaged.item()),
+                     "log_window": {"loss_sum": float(window_sum), "steps": running_count}}
             if scaler is not None:
                 extra["grad_scaler"] = scaler.state_dict()
             try:
@@ -489,6 +500,9 @@ def _train_loop(*, preset, dataset, overrides, noise_schedule, schedule_name, st
     losses: List[Tuple[int, float]] = []
     running_loss = torch.zeros((), device=device)
     running_count = 0
+    if resumed_window:  # the steps of the log window before the checkpoint (float32: exact round trip)
+        running_loss.fill_(resumed_window["loss_sum"])
+        running_count = int(resumed_window["steps"])
     last_grad_norm = torch.zeros((), device=device)
     started = time.perf_counter()
     bar = tqdm(total=steps, initial=start_step, disable=not (progress and is_main), desc="train", dynamic_ncols=True)
@@ -598,7 +612,8 @@ def _train_loop(*, preset, dataset, overrides, noise_schedule, schedule_name, st
     ema_model = ema.module
     ema_model.eval()
     return TrainResult(model=raw_model, ema_model=ema_model, step=max(steps, start_step), config=config,
-                       schedule=noise_schedule, losses=losses, out=out, wall_seconds=time.perf_counter() - started)
+                       schedule=noise_schedule, losses=losses, out=out, wall_seconds=time.perf_counter() - started,
+                       start_step=start_step)
 
 
 def _check_array_fits_preset(preset: str, dataset: Dataset, options: Dict[str, Any],

@@ -78,11 +78,11 @@ def test_cli_samples_are_fastddpm_sample_at_their_global_index(unet_dir, tiny_un
                 "--device", "cpu", "--out", out) == 0
     got = np.load(out.with_suffix(".npz"))["samples"]
     schedule = NoiseSchedule.linear(T_TRAIN, beta_end=0.2)
-    first_batch = sample(tiny_unet, (2, 1, 8, 8), schedule=schedule, num_steps=4, seed=9, progress=False)
+    first_batch = sample(tiny_unet, (2, 1, 8, 8), schedule=schedule, num_steps=4, seed=9, progress=False, sampler="ddpm")
     np.testing.assert_allclose(got[:2], first_batch.numpy(), atol=1e-5)
     # The second batch starts at sample 2 of the same seed's stream, not at another seed.
     second_batch = sample(tiny_unet, (1, 1, 8, 8), schedule=schedule, num_steps=4, seed=9, first_index=2,
-                          progress=False)
+                          progress=False, sampler="ddpm")
     np.testing.assert_allclose(got[2:], second_batch.numpy(), atol=1e-5)
     assert not np.allclose(got[2], got[0], atol=1e-3)
 

@@ -153,3 +153,38 @@ def test_a_sample_count_that_cannot_fit_is_refused_in_one_line_under_a_memory_li
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "holds every sample in memory" in lines[0] and "--out DIR/" in lines[0], lines
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. one default sampler, read from the registry everywhere
+# ---------------------------------------------------------------------------------------------
+def test_the_library_and_every_command_default_to_the_registry_default(tmp_path, capsys):
+    import inspect
+
+    import numpy as np
+    import torch
+
+    import fastddpm
+    from fastddpm.cli import main
+    from fastddpm.samplers import DEFAULT_SAMPLER, SAMPLERS, default_steps
+
+    assert inspect.signature(fastddpm.sample).parameters["sampler"].default is None  # None: the registry's
+    pretrained = fastddpm.load_pretrained()
+    shape = (3, *pretrained.sample_shape)
+    by_default = fastddpm.sample(pretrained.model, shape, schedule=pretrained.schedule, seed=0, progress=False)
+    explicit = fastddpm.sample(pretrained.model, shape, schedule=pretrained.schedule, seed=0, progress=False,
+                               sampler=DEFAULT_SAMPLER, num_steps=default_steps(DEFAULT_SAMPLER, 1000))
+    assert torch.equal(by_default, explicit)
+    assert main(["sample", "--num-samples", "3", "--out", str(tmp_path / "s.png"), "--device", "cpu",
+                 "--no-progress"]) == 0
+    data = np.load(tmp_path / "s.npz")
+    assert str(data["sampler"]) == DEFAULT_SAMPLER and int(data["num_steps"]) == default_steps(DEFAULT_SAMPLER, 1000)
+    np.testing.assert_allclose(data["samples"], by_default.numpy(), atol=1e-6)
+    # Every sampler of the registry is named in the docstring and in both commands' --help.
+    for name in SAMPLERS:
+        assert f'"{name}"' in fastddpm.sample.__doc__, name
+    for command in ("sample", "eval"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert all(name in text for name in SAMPLERS) and f"default {DEFAULT_SAMPLER}" in text, text

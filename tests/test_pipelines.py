@@ -46,6 +46,7 @@ CASES = [
     ("DDPMPipeline", diffusers.DDPMScheduler(num_train_timesteps=1000, timestep_spacing="trailing"),
      dict(num_inference_steps=15)),
     ("DDPMPipeline", diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000), dict(num_inference_steps=20)),
+    ("DDPMPipeline", diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000), dict(num_inference_steps=50)),
     ("DDPMPipeline", diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, prediction_type="sample",
                                                            timestep_spacing="trailing"), dict(num_inference_steps=8)),
 ]

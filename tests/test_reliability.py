@@ -286,7 +286,7 @@ def test_a_beta_of_one_is_refused_where_it_makes_a_step_undefined():
     schedule = _beta_one_schedule()
     model = _Conv()
     with pytest.raises(ValueError, match=r"^schedule: beta = 1 at index 9 .*prediction_type='epsilon'"):
-        fastddpm.sample(model, (2, 1, 4, 4), schedule=schedule, seed=0, progress=False)
+        fastddpm.sample(model, (2, 1, 4, 4), schedule=schedule, seed=0, progress=False, sampler="ddpm")
     assert model.calls == 0
     with pytest.raises(ValueError, match="beta = 1"):
         ops.ddpm_step(torch.zeros(2, 1, 4), 3, torch.zeros(2, 1, 4), schedule, seed=0)
@@ -294,7 +294,7 @@ def test_a_beta_of_one_is_refused_where_it_makes_a_step_undefined():
         train("digits", "digits", schedule=schedule, steps=1, **QUIET)
     # With v or x_0 prediction alpha_bar = 0 is well defined (zero terminal SNR): allowed, finite.
     x = fastddpm.sample(model, (2, 1, 4, 4), schedule=schedule, prediction_type="v_prediction", seed=0,
-                        progress=False)
+                        progress=False, sampler="ddpm")
     assert torch.isfinite(x).all()
 
 
@@ -309,7 +309,7 @@ def test_nan_from_the_model_names_the_step_and_stops_early(backend):
     model = _Conv(nan_below=180)
     with pytest.raises(NonFiniteError, match=r"samples contain NaN.*first at step 11 of 100 \(model timestep 1"):
         fastddpm.sample(model, (2, 1, 4, 4), schedule=schedule, num_steps=100, seed=0, progress=False,
-                        backend=backend)
+                        backend=backend, sampler="ddpm")
     assert model.calls == 50  # the check every 50 steps ended the run half way
 
 
@@ -325,7 +325,7 @@ def test_nan_is_caught_inside_a_real_cuda_graph():
 
     with pytest.raises(NonFiniteError, match=r"first at step 11 of 100 \(model timestep 179\)"):
         fastddpm.sample(Poisoned().cuda(), (2, 3, 8, 8), schedule=NoiseSchedule.linear(200), num_steps=100, seed=0,
-                        progress=False, cuda_graph=True)
+                        progress=False, cuda_graph=True, sampler="ddpm")
 
 
 def test_sample_command_refuses_nan_and_writes_nothing(monkeypatch, tmp_path, capsys):
@@ -403,7 +403,7 @@ def test_library_device_arguments_are_checked():
     with pytest.raises(ValueError, match="^device 'meta'"):
         fastddpm.load_pretrained(device="meta")
     with pytest.raises(ValueError, match="^device 'meta'"):
-        fastddpm.sample(_Conv(), (1, 1, 2, 2), device="meta", progress=False)
+        fastddpm.sample(_Conv(), (1, 1, 2, 2), device="meta", progress=False, sampler="ddpm")
     with pytest.raises(ValueError, match="^device 'meta'"):
         train("digits", "digits", device="meta", steps=1, **QUIET)
     if not HAS_CUDA:
@@ -452,7 +452,7 @@ def test_noise_and_seed_together_and_an_empty_batch_are_refused():
     with pytest.raises(ValueError, match=r"^x_t must have shape \[B, \.\.\.\] with a batch of B >= 1"):
         ops.ddpm_step(empty, torch.zeros(0, dtype=torch.int64), empty, schedule, seed=0)
     with pytest.raises(ValueError, match="positive ints"):
-        fastddpm.sample(_Conv(), (0, 1, 4, 4), progress=False)
+        fastddpm.sample(_Conv(), (0, 1, 4, 4), progress=False, sampler="ddpm")
 
 
 # ---------------------------------------------------------------------------------------------

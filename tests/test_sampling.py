@@ -155,11 +155,11 @@ def test_learned_range_extremes_match_the_fixed_variances():
     fixed = GaussianDataModel(schedule, DATA_MEAN, DATA_STD)
     for value, fixed_type in ((-1.0, "fixed_small"), (1.0, "fixed_large")):
         learned = GaussianDataModel(schedule, DATA_MEAN, DATA_STD, extra_channels=value)
-        got = sample(learned, shape, variance_type="learned_range", **common)
-        want = sample(fixed, shape, variance_type=fixed_type, **common)
+        got = sample(learned, shape, variance_type="learned_range", **common, sampler="ddpm")
+        want = sample(fixed, shape, variance_type=fixed_type, **common, sampler="ddpm")
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    small = sample(fixed, shape, variance_type="fixed_small", **common)
-    large = sample(fixed, shape, variance_type="fixed_large", **common)
+    small = sample(fixed, shape, variance_type="fixed_small", **common, sampler="ddpm")
+    large = sample(fixed, shape, variance_type="fixed_large", **common, sampler="ddpm")
     assert not torch.allclose(small, large, atol=1e-3)
 
 
@@ -168,8 +168,8 @@ def test_ddim_ignores_the_variance_channels():
     common = dict(schedule=schedule, sampler="ddim", eta=0.5, seed=3, progress=False)
     learned = GaussianDataModel(schedule, DATA_MEAN, DATA_STD, extra_channels=0.3)
     plain = GaussianDataModel(schedule, DATA_MEAN, DATA_STD)
-    got = sample(learned, (3, 2, 2, 2), variance_type="learned", num_steps=10, **common)
-    want = sample(plain, (3, 2, 2, 2), num_steps=10, **common)
+    got = sample(learned, (3, 2, 2, 2), variance_type="learned", num_steps=10, **common, sampler="ddpm")
+    want = sample(plain, (3, 2, 2, 2), num_steps=10, **common, sampler="ddpm")
     torch.testing.assert_close(got, want)
 
 
@@ -178,7 +178,7 @@ def test_ddim_ignores_the_variance_channels():
 # ---------------------------------------------------------------------------------------------
 def test_same_seed_same_samples_other_seed_other_samples():
     model = RecordingModel()
-    run = lambda seed: sample(model, (2, 1, 4, 4), num_steps=5, seed=seed, progress=False)  # noqa: E731
+    run = lambda seed: sample(model, (2, 1, 4, 4), num_steps=5, seed=seed, progress=False, sampler="ddpm")  # noqa: E731
     first, again, other = run(5), run(5), run(6)
     assert torch.equal(first, again)
     assert not torch.allclose(first, other)
@@ -186,7 +186,7 @@ def test_same_seed_same_samples_other_seed_other_samples():
 
 def test_default_seed_follows_torch_manual_seed():
     model = RecordingModel()
-    run = lambda: sample(model, (2, 1, 4, 4), num_steps=4, progress=False)  # noqa: E731
+    run = lambda: sample(model, (2, 1, 4, 4), num_steps=4, progress=False, sampler="ddpm")  # noqa: E731
     torch.manual_seed(123)
     first = run()
     torch.manual_seed(123)
@@ -206,13 +206,13 @@ def test_seed_stream_contract_x_T_at_offset_0_step_k_at_offset_k_plus_1():
         for k, index in enumerate(reversed(range(4))):
             out = model(x, schedule.timesteps[index].repeat(2))
             x, _ = reference.ddpm_step(out, index, x, schedule, seed=seed, noise_offset=k + 1)
-    got = sample(model, shape, num_steps=4, seed=seed, progress=False)
+    got = sample(model, shape, num_steps=4, seed=seed, progress=False, sampler="ddpm")
     torch.testing.assert_close(got, x, atol=1e-6, rtol=1e-6)
 
 
 def test_generator_path_is_reproducible_and_draws_from_the_generator():
     model = RecordingModel()
-    run = lambda g: sample(model, (2, 1, 4, 4), num_steps=4, generator=g, progress=False)  # noqa: E731
+    run = lambda g: sample(model, (2, 1, 4, 4), num_steps=4, generator=g, progress=False, sampler="ddpm")  # noqa: E731
     first = run(torch.Generator().manual_seed(0))
     again = run(torch.Generator().manual_seed(0))
     other = run(torch.Generator().manual_seed(1))
@@ -252,7 +252,7 @@ def test_generator_path_matches_diffusers_pipelines(sampler, tiny_unet):
 
 
 def test_diffusers_unet_with_a_seed(tiny_unet):
-    x = sample(tiny_unet, (2, 1, 8, 8), num_steps=3, seed=0, progress=False)
+    x = sample(tiny_unet, (2, 1, 8, 8), num_steps=3, seed=0, progress=False, sampler="ddpm")
     assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()
 
 
@@ -274,8 +274,8 @@ def test_reference_and_kernel_paths_agree(sampler, eta, variance_type, clip):
     schedule = NoiseSchedule.linear(40, beta_start=1e-3, beta_end=0.2)
     common = dict(schedule=schedule, num_steps=6, sampler=sampler, eta=eta, variance_type=variance_type,
                   clip_denoised=clip, seed=21, progress=False)
-    cpu = sample(model, (2, 1, 4, 4), backend="reference", **common)
-    kernel = sample(model, (2, 1, 4, 4), backend="interpret", **common)
+    cpu = sample(model, (2, 1, 4, 4), backend="reference", **common, sampler="ddpm")
+    kernel = sample(model, (2, 1, 4, 4), backend="interpret", **common, sampler="ddpm")
     x_T = reference.philox_randn((2, 1, 4, 4), 21, 0)
     assert not torch.allclose(cpu, x_T, atol=1e-2)  # the chain did something
     torch.testing.assert_close(kernel, cpu, atol=2e-5, rtol=2e-5)
@@ -312,19 +312,19 @@ def test_model_sees_the_respaced_trained_timesteps(sampler, num_steps):
 def test_schedule_by_name_and_by_betas():
     model = RecordingModel()
     betas = torch.linspace(1e-3, 0.2, 20)
-    by_betas = sample(model, (1, 1, 2, 2), schedule=betas, seed=0, progress=False)
-    by_object = sample(model, (1, 1, 2, 2), schedule=NoiseSchedule(betas), seed=0, progress=False)
+    by_betas = sample(model, (1, 1, 2, 2), schedule=betas, seed=0, progress=False, sampler="ddpm")
+    by_object = sample(model, (1, 1, 2, 2), schedule=NoiseSchedule(betas), seed=0, progress=False, sampler="ddpm")
     assert torch.equal(by_betas, by_object)
     model.calls.clear()
-    sample(model, (1, 1, 2, 2), schedule="cosine", num_steps=3, seed=0, progress=False)
+    sample(model, (1, 1, 2, 2), schedule="cosine", num_steps=3, seed=0, progress=False, sampler="ddpm")
     assert [int(t[0]) for t in model.calls] == [999, 500, 0]
 
 
 def test_dtype_and_device_defaults_follow_the_model():
     model = RecordingModel().double()
-    x = sample(model, (2, 1, 3, 3), num_steps=3, seed=0, progress=False)
+    x = sample(model, (2, 1, 3, 3), num_steps=3, seed=0, progress=False, sampler="ddpm")
     assert x.dtype == torch.float64 and x.device.type == "cpu"
-    x32 = sample(model.float(), (2, 1, 3, 3), num_steps=3, seed=0, progress=False)
+    x32 = sample(model.float(), (2, 1, 3, 3), num_steps=3, seed=0, progress=False, sampler="ddpm")
     torch.testing.assert_close(x.float(), x32, atol=1e-5, rtol=1e-5)
 
 
@@ -337,7 +337,7 @@ def test_callback_and_intermediates():
     seen = []
     final, intermediates = sample(model, (2, 1, 4, 4), schedule=schedule, num_steps=5, seed=0, progress=False,
                                   return_intermediates=True,
-                                  callback=lambda step, t, x, pred_x0: seen.append((step, t, x, pred_x0)))
+                                  callback=lambda step, t, x, pred_x0: seen.append((step, t, x, pred_x0)), sampler="ddpm")
     assert len(intermediates) == 5 and len(seen) == 5
     assert torch.equal(intermediates[-1], final)
     assert [s[0] for s in seen] == [0, 1, 2, 3, 4]
@@ -348,13 +348,13 @@ def test_callback_and_intermediates():
     assert not torch.equal(intermediates[0], intermediates[1])  # copies, not one live buffer
     # The last DDPM step returns the posterior mean at index 0, which is the predicted x_0.
     torch.testing.assert_close(seen[-1][3], final)
-    assert sample(model, (2, 1, 4, 4), schedule=schedule, num_steps=5, seed=0, progress=False).equal(final)
+    assert sample(model, (2, 1, 4, 4), schedule=schedule, num_steps=5, seed=0, progress=False, sampler="ddpm").equal(final)
 
 
 def test_progress_bar_on_and_off(capsys):
-    sample(RecordingModel(), (1, 1, 2, 2), num_steps=3, seed=0, progress=True)
+    sample(RecordingModel(), (1, 1, 2, 2), num_steps=3, seed=0, progress=True, sampler="ddpm")
     assert "/3 [" in capsys.readouterr().err
-    sample(RecordingModel(), (1, 1, 2, 2), num_steps=3, seed=0, progress=False)
+    sample(RecordingModel(), (1, 1, 2, 2), num_steps=3, seed=0, progress=False, sampler="ddpm")
     assert capsys.readouterr().err == ""
 
 
@@ -395,29 +395,29 @@ def test_bad_arguments_are_rejected_before_any_model_call(kwargs, error, match):
     kwargs = dict(kwargs)
     shape = kwargs.pop("shape", (2, 1, 4, 4))
     with pytest.raises(error, match=match):
-        sample(model, shape, progress=False, **kwargs)
+        sample(model, shape, progress=False, **kwargs, sampler="ddpm")
     assert model.calls == []
 
 
 def test_model_that_is_not_callable():
     with pytest.raises(TypeError, match="callable"):
-        sample("unet", (1, 1, 2, 2), progress=False)
+        sample("unet", (1, 1, 2, 2), progress=False, sampler="ddpm")
 
 
 def test_model_returning_the_wrong_shape_names_expected_and_got():
     bad = lambda x, t: x[:, :, :2]  # noqa: E731
     with pytest.raises(ValueError, match=r"expected \(2, 1, 4, 4\).*got \(2, 1, 2, 4\)"):
-        sample(bad, (2, 1, 4, 4), num_steps=3, seed=0, progress=False)
+        sample(bad, (2, 1, 4, 4), num_steps=3, seed=0, progress=False, sampler="ddpm")
 
 
 def test_learned_variance_needs_twice_the_channels():
     with pytest.raises(ValueError, match=r"expected \(2, 2, 4, 4\).*twice.*got \(2, 1, 4, 4\)"):
-        sample(RecordingModel(), (2, 1, 4, 4), num_steps=3, seed=0, variance_type="learned_range", progress=False)
+        sample(RecordingModel(), (2, 1, 4, 4), num_steps=3, seed=0, variance_type="learned_range", progress=False, sampler="ddpm")
 
 
 def test_model_returning_something_else():
     with pytest.raises(TypeError, match=r"\.sample"):
-        sample(lambda x, t: {"sample": x}, (1, 1, 2, 2), num_steps=2, seed=0, progress=False)
+        sample(lambda x, t: {"sample": x}, (1, 1, 2, 2), num_steps=2, seed=0, progress=False, sampler="ddpm")
 
 
 def test_lazy_export():
@@ -432,8 +432,8 @@ def test_lazy_export():
 def test_cuda_graph_replay_matches_eager_steps(sampler, eta):
     model = RecordingModel(channels=3).cuda()
     common = dict(num_steps=20, sampler=sampler, eta=eta, seed=5, progress=False)
-    eager = sample(model, (4, 3, 8, 8), cuda_graph=False, **common)
-    graphed, intermediates = sample(model, (4, 3, 8, 8), cuda_graph=True, return_intermediates=True, **common)
+    eager = sample(model, (4, 3, 8, 8), cuda_graph=False, **common, sampler="ddpm")
+    graphed, intermediates = sample(model, (4, 3, 8, 8), cuda_graph=True, return_intermediates=True, **common, sampler="ddpm")
     torch.testing.assert_close(graphed, eager)
     assert len(intermediates) == 20 and not torch.equal(intermediates[-2], intermediates[-1])
 
@@ -443,8 +443,8 @@ def test_cuda_kernel_path_matches_the_cpu_reference_for_the_same_seed(no_tf32):
     # TF32 off (see conftest.no_tf32); the kernels' noise is the CPU's within a few ulp.
     model = RecordingModel(channels=3)
     common = dict(schedule=NoiseSchedule.linear(100), num_steps=25, seed=17, progress=False, clip_denoised=False)
-    cpu = sample(model, (4, 3, 8, 8), device="cpu", **common)
-    gpu = sample(model.cuda(), (4, 3, 8, 8), device="cuda", **common)
+    cpu = sample(model, (4, 3, 8, 8), device="cpu", **common, sampler="ddpm")
+    gpu = sample(model.cuda(), (4, 3, 8, 8), device="cuda", **common, sampler="ddpm")
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=1e-4)
 
 
@@ -452,7 +452,7 @@ def test_cuda_kernel_path_matches_the_cpu_reference_for_the_same_seed(no_tf32):
 def test_cuda_generator_path_with_graph():
     model = RecordingModel(channels=3).cuda()
     run = lambda graph: sample(model, (2, 3, 8, 8), num_steps=10, progress=False, cuda_graph=graph,  # noqa: E731
-                               generator=torch.Generator("cuda").manual_seed(0))
+                               generator=torch.Generator("cuda").manual_seed(0), sampler="ddpm")
     torch.testing.assert_close(run(True), run(False))
 
 
@@ -466,16 +466,16 @@ class _SyncingModel(RecordingModel):
 def test_uncapturable_model_falls_back_with_a_warning():
     model = _SyncingModel(channels=3).cuda()
     common = dict(num_steps=5, seed=1, progress=False)
-    eager = sample(model, (2, 3, 8, 8), cuda_graph=False, **common)
+    eager = sample(model, (2, 3, 8, 8), cuda_graph=False, **common, sampler="ddpm")
     stream = torch.cuda.current_stream()
     with pytest.warns(RuntimeWarning, match="CUDA graph"):
-        fallback = sample(model, (2, 3, 8, 8), cuda_graph="auto", **common)
+        fallback = sample(model, (2, 3, 8, 8), cuda_graph="auto", **common, sampler="ddpm")
     torch.testing.assert_close(fallback, eager)
     # The failed capture leaves the caller's stream current (not the capture's side stream).
     assert torch.cuda.current_stream() == stream
     torch.cuda.synchronize()  # and the device is usable
     with pytest.raises(RuntimeError, match="cuda_graph=True"):
-        sample(model, (2, 3, 8, 8), cuda_graph=True, **common)
+        sample(model, (2, 3, 8, 8), cuda_graph=True, **common, sampler="ddpm")
     assert torch.cuda.current_stream() == stream
 
 
@@ -683,7 +683,7 @@ def test_cpu_never_tries_a_graph(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Stream", no_graphs)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        x = sample(RecordingModel(), (1, 1, 2, 2), num_steps=3, seed=0, cuda_graph="auto", progress=False)
+        x = sample(RecordingModel(), (1, 1, 2, 2), num_steps=3, seed=0, cuda_graph="auto", progress=False, sampler="ddpm")
     assert math.isfinite(float(x.sum()))
 
 
@@ -706,7 +706,7 @@ def test_the_loop_creates_no_tensor_from_a_python_number_per_step(monkeypatch):
     def count(steps, **kwargs):
         made.clear()
         sample(model, (2, 1, 4, 4), num_steps=steps, seed=3, progress=False, backend=KERNEL_BACKEND,
-               device=KERNEL_DEVICE, **kwargs)
+               device=KERNEL_DEVICE, **kwargs, sampler="ddpm")
         return len(made)
 
     for kwargs in (dict(), dict(sampler="ddim", eta=0.5), dict(sampler="dpmpp_2m")):

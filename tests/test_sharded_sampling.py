@@ -1,6 +1,6 @@
 """Issue 13: seeds that depend on neither batch size nor process count; sharded, resumable sampling.
 
-Sample k of a run draws the noise of index k (``fastddpm.sample(..., first_index=)``); the noise
+Sample k of a run draws the noise of index k (``fastddpm.sample(..., first_index=, sampler="ddpm")``); the noise
 itself is bitwise the same in any batch (``tests/test_noise.py::test_a_sample_draws_the_same_noise_in_any_batch``).
 What can still differ between batch sizes is the model's own rounding: a convolution may take
 another kernel for another batch (or thread count). BOUND is the largest such difference these
@@ -74,7 +74,7 @@ class _PerSample(torch.nn.Module):
 
 def _in_batches(model, batch, total=8, **kwargs):
     parts = [fastddpm.sample(model, (min(batch, total - first), 1, 8, 8), first_index=first, seed=11,
-                             progress=False, **kwargs) for first in range(0, total, batch)]
+                             progress=False, **kwargs, sampler="ddpm") for first in range(0, total, batch)]
     return torch.cat(parts)
 
 

@@ -306,3 +306,42 @@ def test_clipping_of_x0_is_recorded_per_data_kind_and_read_by_the_loader(tmp_pat
     assert digits.config["diffusion"]["clip_denoised"] is True
     assert load_pretrained(tmp_path / "toy" / "ema.safetensors").clip_denoised is False
     assert load_pretrained(tmp_path / "digits" / "ema.safetensors").clip_denoised is True
+
+
+def test_a_resumed_run_logs_the_loss_over_the_same_steps_as_an_uninterrupted_one(tmp_path):
+    # Log every 3 steps, checkpoint every 2: the checkpoint of step 4 falls inside the window of
+    # steps 4..6; the resumed run takes that window's part back from the checkpoint.
+    settings = dict(steps=6, batch_size=8, lr=2e-3, warmup_steps=1, seed=5, ckpt_every=2, log_every=3,
+                    model_overrides=TINY, progress=False, sample_every=0)
+    train("digits", "digits", out=tmp_path / "straight", **settings)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_step_5(step, loss):
+        if step == 5:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train("digits", "digits", out=tmp_path / "resumed", callback=kill_after_step_5, **settings)
+    resumed = train("digits", "digits", out=tmp_path / "resumed", resume=True, **settings)
+    assert resumed.start_step == 4 and resumed.step == 6
+
+    def logged(folder):
+        return {record["step"]: record["loss"] for record in
+                map(json.loads, (tmp_path / folder / "log.jsonl").read_text().splitlines())}
+
+    straight, again = logged("straight"), logged("resumed")
+    assert sorted(straight) == sorted(again) == [3, 6]
+    assert again[6] == straight[6]  # the same mean over steps 4..6, not over 5..6
+
+
+def test_the_train_command_says_how_many_steps_this_process_trained(tmp_path, capsys):
+    from fastddpm.cli import main
+
+    argv = ["train", "--preset", "digits", "--batch-size", "8", "--sample-every", "0", "--no-progress",
+            "--out", str(tmp_path / "run"), "--model-arg", "ch=16", "--lr-schedule", "constant"]
+    assert main([*argv, "--steps", "3"]) == 0
+    assert "trained 3 steps in" in capsys.readouterr().out
+    assert main([*argv, "--steps", "5", "--resume", str(tmp_path / "run" / "checkpoint.safetensors")]) == 0
+    assert "trained 2 steps (4..5, resumed at step 3)" in capsys.readouterr().out

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..evaluation import evaluate_digit_samples, evaluate_toy_samples, pool_digit_quality, variational_bound
-from ..samplers import SAMPLERS
+from ..samplers import DEFAULT_SAMPLER, SAMPLERS, default_steps
+from ..samplers import describe as describe_samplers
 
 _DIGITS = "digits"
 
@@ -30,8 +31,9 @@ def configure_parser(parser) -> None:
                         help="digits, moons, swiss_roll or 8gaussians (default: the checkpoint's training data)")
     parser.add_argument("--num-samples", type=int, default=300,
                         help="samples to draw for the quality metrics; 0 skips them (default 300)")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the full chain)")
-    parser.add_argument("--sampler", choices=tuple(SAMPLERS), default="ddpm", help="default ddpm")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the sampler's, see --sampler)")
+    parser.add_argument("--sampler", choices=tuple(SAMPLERS), default=DEFAULT_SAMPLER,
+                        help=f"{describe_samplers()}; default {DEFAULT_SAMPLER}, as fastddpm.sample")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale (default 0)")
     parser.add_argument("--seed", dest="seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED",
                         help="seeds of sampling and of the floors; quality is reported per seed and pooled, the "
@@ -174,7 +176,7 @@ def _run(args) -> int:
         raise ValueError(f"--data digits needs a model of 1-channel images, this one makes {pretrained.sample_shape}")
     if data != _DIGITS and tuple(pretrained.sample_shape) != (2,):
         raise ValueError(f"--data {data} needs a model of 2-D points, this one makes {pretrained.sample_shape}")
-    steps = args.steps if args.steps is not None else pretrained.schedule.num_timesteps
+    steps = args.steps if args.steps is not None else default_steps(args.sampler, pretrained.schedule.num_timesteps)
     clip_denoised = pretrained.clip_denoised if args.clip_denoised is None else args.clip_denoised
     clip_range = pretrained.clip_range
     report: Dict[str, Any] = dict(

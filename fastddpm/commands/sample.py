@@ -27,7 +27,8 @@ from typing import Callable, Optional
 import torch
 
 from ..acceleration import CPU_DEFAULT_BATCH_SIZE
-from ..samplers import SAMPLERS
+from ..samplers import DEFAULT_SAMPLER, SAMPLERS, default_steps
+from ..samplers import describe as describe_samplers
 from .common import add_model_arguments, model_dtype_name, model_options_of
 
 # Sample indices are 32-bit in the noise stream (the Philox counter's sample word).
@@ -52,11 +53,10 @@ def configure_parser(parser) -> None:
                              "model)")
     parser.add_argument("--num-samples", type=int, default=64, metavar="N", help="samples to draw (default 64)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="reverse steps; fewer than the trained T respace the chain (default: 20 for dpmpp_2m, "
-                             "the trained T for ddpm and ddim)")
-    # dpmpp_2m at 20 steps: the best quality per second on the shipped model, better than 1000-step
-    # DDPM beyond the seed spread (docs/evaluation.md, "Quality against step count").
-    parser.add_argument("--sampler", choices=tuple(SAMPLERS), default="dpmpp_2m", help="default dpmpp_2m")
+                        help="reverse steps; fewer than the trained T respace the chain (default: the sampler's, see "
+                             "--sampler)")
+    parser.add_argument("--sampler", choices=tuple(SAMPLERS), default=DEFAULT_SAMPLER,
+                        help=f"{describe_samplers()}; default {DEFAULT_SAMPLER}, as fastddpm.sample")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale, 0 = deterministic (default 0)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the Philox noise; sample k draws the noise of index k (default 0)")
@@ -180,8 +180,7 @@ def _load(args, device: torch.device, show_notes: bool = True):
         for note in loaded.notes:
             print(f"note: {note}", file=sys.stderr)
     total_steps = loaded.schedule.num_timesteps
-    steps = args.steps if args.steps is not None else min(SAMPLERS[args.sampler].default_steps or total_steps,
-                                                         total_steps)
+    steps = args.steps if args.steps is not None else default_steps(args.sampler, total_steps)
     if steps > total_steps:
         raise CommandError(f"--steps must be at most the checkpoint's T={total_steps}, got {steps}")
     return loaded, steps

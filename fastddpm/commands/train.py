@@ -125,6 +125,9 @@ def run(args) -> int:
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         last = f", final loss {result.losses[-1][1]:.4f}" if result.losses else ""
-        print(f"trained {result.step} steps in {result.wall_seconds:.1f} s{last}; "
+        done = result.step - result.start_step
+        what = (f"trained {done} steps ({result.start_step + 1}..{result.step}, resumed at step {result.start_step})"
+                if result.start_step else f"trained {result.step} steps")
+        print(f"{what} in {result.wall_seconds:.1f} s{last}; "
               f"checkpoint {result.out / CHECKPOINT_NAME}, EMA weights {result.out / EMA_NAME}")
     return 0
