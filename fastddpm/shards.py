@@ -256,6 +256,12 @@ def check_chunk(path, chunk: Chunk, expected_run_id: str, sample_shape) -> Optio
         with np.load(Path(path) / chunk.name, allow_pickle=False) as data:
             samples = data["samples"]
             first, found_id = int(data["first_index"]), str(data["run_id"])
+    except KeyError as error:  # an .npz, but without a chunk's arrays
+        return f"not a chunk written by fastddpm (no {error} array)"
+    except ValueError as error:
+        if "allow_pickle" in str(error):  # object arrays: nothing fastddpm writes
+            return "not a chunk written by fastddpm (it holds pickled Python objects)"
+        return f"unreadable ({type(error).__name__}: {error})"
     except Exception as error:  # zipfile, numpy and OS errors alike: the file cannot be read
         return f"unreadable ({type(error).__name__}: {error})"
     if found_id != expected_run_id:

@@ -1,6 +1,7 @@
 """What a new user trips on (issue 25), each checked in a fresh interpreter where it depends on
 what was imported before."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -188,3 +189,87 @@ def test_the_library_and_every_command_default_to_the_registry_default(tmp_path,
             main([command, "--help"])
         text = " ".join(capsys.readouterr().out.split())
         assert all(name in text for name in SAMPLERS) and f"default {DEFAULT_SAMPLER}" in text, text
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. one vocabulary of flags and messages
+# ---------------------------------------------------------------------------------------------
+def _command_parsers():
+    from fastddpm.cli import COMMANDS, build_parser
+
+    parser = build_parser()
+    sub = next(action for action in parser._actions if action.dest == "command")
+    return {name: sub.choices[name] for name in COMMANDS}
+
+
+def test_every_command_speaks_one_vocabulary_of_flags():
+    import argparse
+
+    from fastddpm.commands.common import DEVICE_HELP
+
+    parsers = _command_parsers()
+    meanings = {}
+    for name, parser in parsers.items():
+        visible = [action for action in parser._actions if action.help is not argparse.SUPPRESS]
+        for action in visible:
+            for option in action.option_strings:
+                if option.startswith("--"):
+                    assert re.fullmatch(r"--[a-z0-9]+(-[a-z0-9]+)*", option), (name, option)
+                    meanings.setdefault(option, set()).add(name)
+        options = {option for action in visible for option in action.option_strings}
+        assert "--batch" not in options and "--json" not in options, name  # --batch-size, --out
+        if name == "train":
+            assert "--steps" not in options and "--train-steps" in options  # --steps is a sampling count
+        device = next((action for action in visible if "--device" in action.option_strings), None)
+        if device is not None:
+            assert device.help.startswith(DEVICE_HELP) and device.default == "auto", name
+    # the same flag names across commands
+    assert {"sample", "train", "eval", "demo"} <= meanings["--device"]
+    assert {"sample", "train", "eval", "demo"} <= meanings["--batch-size"]
+    assert {"sample", "train", "eval"} <= meanings["--out"]
+    assert meanings["--steps"] == {"sample", "eval"}
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["train", "--train-steps", "0"], "--train-steps"),
+    (["train", "--lr", "-1"], "--lr"),
+    (["train", "--batch-size", "0"], "--batch-size"),
+    (["train", "--resume", "/no/such.safetensors"], "--resume"),
+    (["sample", "--steps", "0"], "--steps"),
+    (["sample", "--seed", "-1"], "--seed"),
+    (["eval", "--steps", "0"], "--steps"),
+    (["demo", "--batch-size", "0"], "--batch-size"),
+    (["demo", "--device", "tpu:x"], "--device"),
+])
+def test_input_errors_name_the_flag(argv, flag, tmp_path, capsys):
+    from fastddpm.cli import main
+
+    extra = {"train": ["--out", str(tmp_path / "run")], "demo": []}.get(argv[0], ["--no-progress"])
+    assert main([*argv, *extra]) != 0
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert flag in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("command, old, new", [
+    (["train", "--train-steps", "0"], ["--steps", "0"], "--train-steps"),
+    (["demo", "--size", "0"], ["--batch", "2"], "--batch-size"),
+    (["eval", "--num-samples", "0", "--no-bound"], ["--json", "{tmp}/r.json"], "--out"),
+])
+def test_old_spellings_still_work_with_a_note(command, old, new, tmp_path, capsys):
+    from fastddpm.cli import main
+
+    main([*command, *[part.format(tmp=tmp_path) for part in old]])
+    assert f"note: {old[0]} is deprecated; use {new}" in capsys.readouterr().err
+
+
+def test_a_corrupt_chunk_is_said_not_to_be_a_fastddpm_chunk(tmp_path, capsys):
+    import numpy as np
+
+    from fastddpm.cli import main
+
+    assert main(["sample", "--num-samples", "4", "--batch-size", "2", "--steps", "2", "--device", "cpu",
+                 "--no-progress", "--out", str(tmp_path / "run")]) == 0
+    np.savez(tmp_path / "run" / "chunk-000001.npz", samples=np.array([{"not": "samples"}], dtype=object))
+    assert main(["merge", str(tmp_path / "run")]) != 0
+    err = capsys.readouterr().err
+    assert "chunk-000001.npz" in err and "not a chunk written by fastddpm" in err and "allow_pickle" not in err

@@ -224,7 +224,7 @@ def _wait_for(process, pattern, timeout=120):
 
 
 def test_signals_stop_train_with_a_saved_checkpoint_and_sample_with_one_line(tmp_path):
-    train_args = ["train", "--steps", "100000", "--batch-size", "4", "--sample-every", "0", *TINY_ARGS]
+    train_args = ["train", "--train-steps", "100000", "--batch-size", "4", "--sample-every", "0", *TINY_ARGS]
     runs = {
         "sigint": (_start([*train_args, "--out", "int"], tmp_path), signal.SIGINT, 130),
         "sigterm": (_start([*train_args, "--out", "term"], tmp_path), signal.SIGTERM, 143),
@@ -379,14 +379,14 @@ def test_a_nan_loss_stops_training_without_writing(tmp_path):
 # 5. devices and demo arguments: one line, no traceback
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv,message", [
-    (["demo", "--batch", "0"], "--batch must be >= 1"),
+    (["demo", "--batch-size", "0"], "--batch-size must be >= 1"),
     (["demo", "--size", "-1"], "--size must be >= 1"),
     (["demo", "--device", "meta"], "--device 'meta'"),
-    (["train", "--device", "meta", "--steps", "1"], "--device 'meta'"),
+    (["train", "--device", "meta", "--train-steps", "1"], "--device 'meta'"),
     (["eval", "--device", "meta"], "--device 'meta'"),
     (["sample", "--device", "meta"], "--device 'meta'"),
 ] + ([] if HAS_CUDA else [
-    (["train", "--device", "cuda", "--steps", "1"], "CUDA is not available"),
+    (["train", "--device", "cuda", "--train-steps", "1"], "CUDA is not available"),
     (["demo", "--device", "cuda"], "CUDA is not available"),
     (["eval", "--device", "cuda"], "CUDA is not available"),
 ]))
@@ -416,7 +416,7 @@ def test_library_device_arguments_are_checked():
 # ---------------------------------------------------------------------------------------------
 def test_resume_says_where_it_starts(tmp_path, capsys):
     # a constant learning rate: a run with a decaying one resumes only with its own step count
-    args = ["train", "--steps", "1", "--batch-size", "4", "--out", str(tmp_path), "--resume", "--no-progress",
+    args = ["train", "--train-steps", "1", "--batch-size", "4", "--out", str(tmp_path), "--resume", "--no-progress",
             "--sample-every", "0", "--lr-schedule", "constant", *TINY_ARGS]
     assert main(args) == 0
     err = capsys.readouterr().err

@@ -155,11 +155,11 @@ def test_learned_range_extremes_match_the_fixed_variances():
     fixed = GaussianDataModel(schedule, DATA_MEAN, DATA_STD)
     for value, fixed_type in ((-1.0, "fixed_small"), (1.0, "fixed_large")):
         learned = GaussianDataModel(schedule, DATA_MEAN, DATA_STD, extra_channels=value)
-        got = sample(learned, shape, variance_type="learned_range", **common, sampler="ddpm")
-        want = sample(fixed, shape, variance_type=fixed_type, **common, sampler="ddpm")
+        got = sample(learned, shape, variance_type="learned_range", **{"sampler": "ddpm", **common})
+        want = sample(fixed, shape, variance_type=fixed_type, **{"sampler": "ddpm", **common})
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    small = sample(fixed, shape, variance_type="fixed_small", **common, sampler="ddpm")
-    large = sample(fixed, shape, variance_type="fixed_large", **common, sampler="ddpm")
+    small = sample(fixed, shape, variance_type="fixed_small", **{"sampler": "ddpm", **common})
+    large = sample(fixed, shape, variance_type="fixed_large", **{"sampler": "ddpm", **common})
     assert not torch.allclose(small, large, atol=1e-3)
 
 
@@ -168,8 +168,8 @@ def test_ddim_ignores_the_variance_channels():
     common = dict(schedule=schedule, sampler="ddim", eta=0.5, seed=3, progress=False)
     learned = GaussianDataModel(schedule, DATA_MEAN, DATA_STD, extra_channels=0.3)
     plain = GaussianDataModel(schedule, DATA_MEAN, DATA_STD)
-    got = sample(learned, (3, 2, 2, 2), variance_type="learned", num_steps=10, **common, sampler="ddpm")
-    want = sample(plain, (3, 2, 2, 2), num_steps=10, **common, sampler="ddpm")
+    got = sample(learned, (3, 2, 2, 2), variance_type="learned", num_steps=10, **{"sampler": "ddpm", **common})
+    want = sample(plain, (3, 2, 2, 2), num_steps=10, **{"sampler": "ddpm", **common})
     torch.testing.assert_close(got, want)
 
 
@@ -274,8 +274,8 @@ def test_reference_and_kernel_paths_agree(sampler, eta, variance_type, clip):
     schedule = NoiseSchedule.linear(40, beta_start=1e-3, beta_end=0.2)
     common = dict(schedule=schedule, num_steps=6, sampler=sampler, eta=eta, variance_type=variance_type,
                   clip_denoised=clip, seed=21, progress=False)
-    cpu = sample(model, (2, 1, 4, 4), backend="reference", **common, sampler="ddpm")
-    kernel = sample(model, (2, 1, 4, 4), backend="interpret", **common, sampler="ddpm")
+    cpu = sample(model, (2, 1, 4, 4), backend="reference", **{"sampler": "ddpm", **common})
+    kernel = sample(model, (2, 1, 4, 4), backend="interpret", **{"sampler": "ddpm", **common})
     x_T = reference.philox_randn((2, 1, 4, 4), 21, 0)
     assert not torch.allclose(cpu, x_T, atol=1e-2)  # the chain did something
     torch.testing.assert_close(kernel, cpu, atol=2e-5, rtol=2e-5)
@@ -395,7 +395,7 @@ def test_bad_arguments_are_rejected_before_any_model_call(kwargs, error, match):
     kwargs = dict(kwargs)
     shape = kwargs.pop("shape", (2, 1, 4, 4))
     with pytest.raises(error, match=match):
-        sample(model, shape, progress=False, **kwargs, sampler="ddpm")
+        sample(model, shape, progress=False, **{"sampler": "ddpm", **kwargs})
     assert model.calls == []
 
 
@@ -432,8 +432,8 @@ def test_lazy_export():
 def test_cuda_graph_replay_matches_eager_steps(sampler, eta):
     model = RecordingModel(channels=3).cuda()
     common = dict(num_steps=20, sampler=sampler, eta=eta, seed=5, progress=False)
-    eager = sample(model, (4, 3, 8, 8), cuda_graph=False, **common, sampler="ddpm")
-    graphed, intermediates = sample(model, (4, 3, 8, 8), cuda_graph=True, return_intermediates=True, **common, sampler="ddpm")
+    eager = sample(model, (4, 3, 8, 8), cuda_graph=False, **{"sampler": "ddpm", **common})
+    graphed, intermediates = sample(model, (4, 3, 8, 8), cuda_graph=True, return_intermediates=True, **{"sampler": "ddpm", **common})
     torch.testing.assert_close(graphed, eager)
     assert len(intermediates) == 20 and not torch.equal(intermediates[-2], intermediates[-1])
 
@@ -443,8 +443,8 @@ def test_cuda_kernel_path_matches_the_cpu_reference_for_the_same_seed(no_tf32):
     # TF32 off (see conftest.no_tf32); the kernels' noise is the CPU's within a few ulp.
     model = RecordingModel(channels=3)
     common = dict(schedule=NoiseSchedule.linear(100), num_steps=25, seed=17, progress=False, clip_denoised=False)
-    cpu = sample(model, (4, 3, 8, 8), device="cpu", **common, sampler="ddpm")
-    gpu = sample(model.cuda(), (4, 3, 8, 8), device="cuda", **common, sampler="ddpm")
+    cpu = sample(model, (4, 3, 8, 8), device="cpu", **{"sampler": "ddpm", **common})
+    gpu = sample(model.cuda(), (4, 3, 8, 8), device="cuda", **{"sampler": "ddpm", **common})
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=1e-4)
 
 
@@ -466,16 +466,16 @@ class _SyncingModel(RecordingModel):
 def test_uncapturable_model_falls_back_with_a_warning():
     model = _SyncingModel(channels=3).cuda()
     common = dict(num_steps=5, seed=1, progress=False)
-    eager = sample(model, (2, 3, 8, 8), cuda_graph=False, **common, sampler="ddpm")
+    eager = sample(model, (2, 3, 8, 8), cuda_graph=False, **{"sampler": "ddpm", **common})
     stream = torch.cuda.current_stream()
     with pytest.warns(RuntimeWarning, match="CUDA graph"):
-        fallback = sample(model, (2, 3, 8, 8), cuda_graph="auto", **common, sampler="ddpm")
+        fallback = sample(model, (2, 3, 8, 8), cuda_graph="auto", **{"sampler": "ddpm", **common})
     torch.testing.assert_close(fallback, eager)
     # The failed capture leaves the caller's stream current (not the capture's side stream).
     assert torch.cuda.current_stream() == stream
     torch.cuda.synchronize()  # and the device is usable
     with pytest.raises(RuntimeError, match="cuda_graph=True"):
-        sample(model, (2, 3, 8, 8), cuda_graph=True, **common, sampler="ddpm")
+        sample(model, (2, 3, 8, 8), cuda_graph=True, **{"sampler": "ddpm", **common})
     assert torch.cuda.current_stream() == stream
 
 
@@ -706,7 +706,7 @@ def test_the_loop_creates_no_tensor_from_a_python_number_per_step(monkeypatch):
     def count(steps, **kwargs):
         made.clear()
         sample(model, (2, 1, 4, 4), num_steps=steps, seed=3, progress=False, backend=KERNEL_BACKEND,
-               device=KERNEL_DEVICE, **kwargs, sampler="ddpm")
+               device=KERNEL_DEVICE, **{"sampler": "ddpm", **kwargs})
         return len(made)
 
     for kwargs in (dict(), dict(sampler="ddim", eta=0.5), dict(sampler="dpmpp_2m")):

@@ -74,7 +74,7 @@ class _PerSample(torch.nn.Module):
 
 def _in_batches(model, batch, total=8, **kwargs):
     parts = [fastddpm.sample(model, (min(batch, total - first), 1, 8, 8), first_index=first, seed=11,
-                             progress=False, **kwargs, sampler="ddpm") for first in range(0, total, batch)]
+                             progress=False, **{"sampler": "ddpm", **kwargs}) for first in range(0, total, batch)]
     return torch.cat(parts)
 
 

@@ -168,7 +168,7 @@ def _torchrun(args, tmp_path):
 def test_ddp_with_two_gloo_processes_equals_one_process(tmp_path):
     model_args = ["--model-arg", "ch=16", "--model-arg", "ch_mult=[1,2]", "--model-arg", "num_res_blocks=1",
                   "--model-arg", "attn_resolutions=[4]", "--model-arg", "dropout=0.0"]
-    common = ["--preset", "digits", "--data", "digits", "--steps", "3", "--batch-size", "16", "--lr", "2e-3",
+    common = ["--preset", "digits", "--data", "digits", "--train-steps", "3", "--batch-size", "16", "--lr", "2e-3",
               "--warmup-steps", "1", "--ema-decay", "0.5", "--seed", "5", "--sample-every", "0", "--no-progress",
               "--device", "cpu", *model_args]
     done = _torchrun([*common, "--out", str(tmp_path / "ddp")], tmp_path)
@@ -210,7 +210,7 @@ def test_toy2d_trains_with_the_mlp():
 
 def test_cli_train_writes_checkpoints_log_and_sample_grid(tmp_path, capsys):
     out = tmp_path / "run"
-    code = cli_main(["train", "--preset", "digits", "--steps", "2", "--batch-size", "4", "--out", str(out),
+    code = cli_main(["train", "--preset", "digits", "--train-steps", "2", "--batch-size", "4", "--out", str(out),
                      "--sample-every", "2", "--sample-steps", "3", "--no-progress", "--model-arg", "ch=16",
                      "--model-arg", "ch_mult=[1,2]", "--model-arg", "num_res_blocks=1"])
     assert code == 0
@@ -220,7 +220,7 @@ def test_cli_train_writes_checkpoints_log_and_sample_grid(tmp_path, capsys):
 
     pretrained = fastddpm.load_pretrained(out / "ema.safetensors")
     assert pretrained.model.config["ch"] == 16 and pretrained.step == 2
-    code = cli_main(["train", "--data", str(tmp_path / "no_such_folder"), "--steps", "1", "--out", str(out)])
+    code = cli_main(["train", "--data", str(tmp_path / "no_such_folder"), "--train-steps", "1", "--out", str(out)])
     assert code == 2 and "no_such_folder" in capsys.readouterr().err
 
 
@@ -341,7 +341,7 @@ def test_the_train_command_says_how_many_steps_this_process_trained(tmp_path, ca
 
     argv = ["train", "--preset", "digits", "--batch-size", "8", "--sample-every", "0", "--no-progress",
             "--out", str(tmp_path / "run"), "--model-arg", "ch=16", "--lr-schedule", "constant"]
-    assert main([*argv, "--steps", "3"]) == 0
+    assert main([*argv, "--train-steps", "3"]) == 0
     assert "trained 3 steps in" in capsys.readouterr().out
-    assert main([*argv, "--steps", "5", "--resume", str(tmp_path / "run" / "checkpoint.safetensors")]) == 0
+    assert main([*argv, "--train-steps", "5", "--resume", str(tmp_path / "run" / "checkpoint.safetensors")]) == 0
     assert "trained 2 steps (4..5, resumed at step 3)" in capsys.readouterr().out

@@ -1,6 +1,9 @@
 """What several commands share: reading ``--checkpoint``."""
 from __future__ import annotations
 
+import argparse
+import re
+import sys
 from typing import Optional
 
 import torch
@@ -54,3 +57,50 @@ def model_dtype_name(options, model) -> str:
             if isinstance(model, torch.nn.Module) else None
         dtype = parameter.dtype if parameter is not None else torch.float32
     return next((name for name, value in MODEL_DTYPES.items() if value == dtype), str(dtype).replace("torch.", ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# one vocabulary of flags for every command
+# ---------------------------------------------------------------------------------------------
+DEVICE_HELP = "auto (cuda when available, the default), cpu, cuda, cuda:1, ..."
+
+
+def add_device_argument(parser, extra: str = "") -> None:
+    """``--device``, with the same help in every command."""
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP + (f"; {extra}" if extra else ""))
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An old spelling of a flag: stores into the new one's destination and says which to use."""
+
+    def __init__(self, option_strings, dest, replacement: str = "", **kwargs):
+        self.replacement = replacement
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"note: {option_string} is deprecated; use {self.replacement}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_deprecated_alias(parser, old: str, new: str, dest: str, **kwargs) -> None:
+    """``old`` as a hidden, deprecated spelling of ``new`` (same destination, a note when used)."""
+    parser.add_argument(old, dest=dest, action=_DeprecatedAlias, replacement=new, help=argparse.SUPPRESS, **kwargs)
+
+
+def flag_names(parser) -> dict:
+    """Destination -> the flag that sets it (its first long option), for messages in flag terms."""
+    names = {}
+    for action in parser._actions:
+        longs = [option for option in action.option_strings if option.startswith("--")]
+        if longs and action.help is not argparse.SUPPRESS and action.dest not in names:
+            names[action.dest] = longs[0]
+    return names
+
+
+def in_flag_terms(message: str, names: dict) -> str:
+    """A library error (``steps must be ...``, ``out 'x': ...``) as the command line says it:
+    a leading argument name becomes its flag (``--train-steps must be ...``)."""
+    match = re.match(r"([a-z_]+)(\b.*)", message, flags=re.S)
+    if match and match.group(1) in names:
+        return names[match.group(1)] + match.group(2)
+    return message

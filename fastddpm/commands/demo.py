@@ -8,17 +8,20 @@ import torch
 
 
 def configure_parser(parser) -> None:
-    parser.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
+    from .common import add_deprecated_alias, add_device_argument
+
+    parser.add_argument("--batch-size", dest="batch", type=int, default=16, help="batch size (default 16)")
+    add_deprecated_alias(parser, "--batch", "--batch-size", "batch", type=int)
     parser.add_argument("--size", type=int, default=32, help="image side (default 32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the in-kernel noise (default 0)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    add_device_argument(parser)
 
 
 def _check_args(args) -> torch.device:
     from fastddpm.devices import resolve_device
 
     if args.batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch}")
     if args.size < 1:
         raise ValueError(f"--size must be >= 1, got {args.size}")
     if not 0 <= args.seed < 2**63:

@@ -22,7 +22,7 @@ _DIGITS = "digits"
 def configure_parser(parser) -> None:
     import argparse
 
-    from .common import add_model_arguments
+    from .common import add_deprecated_alias, add_device_argument, add_model_arguments
 
     parser.add_argument("--checkpoint", default=None, metavar="PATH",
                         help="fastddpm checkpoint or diffusers model / pipeline folder (default: the shipped digits "
@@ -46,11 +46,13 @@ def configure_parser(parser) -> None:
     parser.add_argument("--bound-images", type=int, default=None,
                         help="held-out images in the bound (default all 300)")
     parser.add_argument("--batch-size", type=int, default=2048, help="(image, t) pairs per model call in the bound")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    add_device_argument(parser)
     parser.add_argument("--classifier-cache", default=None,
                         help="folder caching the digit classifier (default $FASTDDPM_CACHE or ~/.cache/fastddpm)")
-    parser.add_argument("--json", dest="json_path", default=None, help="write every number to this JSON file")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    parser.add_argument("--out", dest="json_path", default=None, metavar="PATH.json",
+                        help="write every number to this JSON file")
+    add_deprecated_alias(parser, "--json", "--out", "json_path")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     add_model_arguments(parser)
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
 
@@ -165,8 +167,8 @@ def _run(args) -> int:
     options = model_options_of(args)
     device = resolve_device(args.device, argument="--device")
     if args.json_path:  # before any work: the report must have somewhere new to go
-        refuse_existing([args.json_path], "--json", overwrite=args.overwrite)
-        check_writable(args.json_path, "--json")
+        refuse_existing([args.json_path], "--out", overwrite=args.overwrite)
+        check_writable(args.json_path, "--out")
     pretrained = load_checkpoint_argument(args.checkpoint, device)
     for note in pretrained.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -240,7 +242,7 @@ def _run(args) -> int:
         def write(path):
             return atomic_write(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
 
-        save_or_rescue(write, args.json_path, argument="--json", what="the report")
+        save_or_rescue(write, args.json_path, argument="--out", what="the report")
         print(f"wrote {args.json_path}")
     return 0
 

@@ -29,7 +29,7 @@ import torch
 from ..acceleration import CPU_DEFAULT_BATCH_SIZE
 from ..samplers import DEFAULT_SAMPLER, SAMPLERS, default_steps
 from ..samplers import describe as describe_samplers
-from .common import add_model_arguments, model_dtype_name, model_options_of
+from .common import add_device_argument, add_model_arguments, model_dtype_name, model_options_of
 
 # Sample indices are 32-bit in the noise stream (the Philox counter's sample word).
 _MAX_SAMPLES = 2**32
@@ -64,9 +64,7 @@ def configure_parser(parser) -> None:
                         help="samples per model call; does not change the samples (beyond the model's rounding); "
                              "auto: the largest batch whose trial forward passes fit in the GPU's free memory "
                              f"({CPU_DEFAULT_BATCH_SIZE} on a CPU) (default {DEFAULT_BATCH_SIZE})")
-    parser.add_argument("--device", default="auto",
-                        help="auto (cuda when available), cpu, cuda, cuda:1, ...; under torchrun cuda means "
-                             "cuda:LOCAL_RANK")
+    add_device_argument(parser, "under torchrun cuda means cuda:LOCAL_RANK")
     parser.add_argument("--out", default="samples.png", metavar="PATH",
                         help="an image file (the grid; the samples go to the same name with .npz), or a folder (a "
                              "path ending in /, an existing folder or a name without a suffix) for resumable "

@@ -12,6 +12,7 @@ from ..models import PRESETS
 from ..schedule import BETA_SCHEDULES
 from ..step import PREDICTION_TYPES, VARIANCE_TYPES
 from ..training import CHECKPOINT_NAME, EMA_NAME, LR_SCHEDULES, PRECISIONS, TRAINING_DEFAULTS
+from .common import add_deprecated_alias, add_device_argument, flag_names, in_flag_terms
 
 
 def _parse_model_arg(text: str) -> Tuple[str, Any]:
@@ -38,8 +39,10 @@ def configure_parser(parser) -> None:
                              f"({_preset_defaults('data')})")
     parser.add_argument("--out", default=None, help="run folder for checkpoints, log and sample grids "
                                                     "(default runs/<preset>)")
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--train-steps", dest="steps", type=int, default=None,
                         help=f"total optimisation steps ({_preset_defaults('steps')})")
+    add_deprecated_alias(parser, "--steps", "--train-steps (--steps is a sampling step count elsewhere)", "steps",
+                         type=int)
     parser.add_argument("--batch-size", type=int, default=None,
                         help=f"global batch size, split over processes ({_preset_defaults('batch_size')})")
     parser.add_argument("--lr", type=float, default=None,
@@ -84,10 +87,12 @@ def configure_parser(parser) -> None:
     parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                         help="continue from OUT/checkpoint.safetensors (or the given file); prints the step it "
                              "resumes from, or that there is no checkpoint and training starts at step 0")
-    parser.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
+    add_device_argument(parser, "under torchrun cuda means cuda:LOCAL_RANK")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="auto: bf16 autocast on CUDA, fp32 on CPU")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    # The library names its arguments (steps, lr, out); the messages name the flags instead.
+    parser.set_defaults(flag_names=flag_names(parser))
 
 
 def run(args) -> int:
@@ -106,7 +111,7 @@ def run(args) -> int:
         from fastddpm.training import train
 
         # The CLI's own names in the messages: --device, --out (train() checks them again).
-        device = resolve_device(args.device, argument="--device") if args.device is not None else None
+        device = resolve_device(args.device, argument="--device") if args.device not in (None, "auto") else None
         check_writable(out, "--out", folder=True)
         result = train(
             args.preset, args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
@@ -121,7 +126,7 @@ def run(args) -> int:
             progress=args.progress,
         )
     except (ValueError, TypeError, FileNotFoundError) as error:
-        print(f"fastddpm train: error: {error}", file=sys.stderr)
+        print(f"fastddpm train: error: {in_flag_terms(str(error), args.flag_names)}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         last = f", final loss {result.losses[-1][1]:.4f}" if result.losses else ""
