@@ -82,6 +82,24 @@ def _digits_split_indices(split: str) -> np.ndarray:
     return np.arange(1797)
 
 
+def _sklearn_digits() -> Tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits (``images`` [1797, 8, 8] in 0..16, ``target`` [1797]), read
+    from the file scikit-learn ships without importing scikit-learn (~2 s of every command's
+    start-up); through ``sklearn.datasets.load_digits`` where the file is not found."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is not None and spec.origin is not None:
+        path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            table = np.loadtxt(path, delimiter=",", dtype=np.float64)
+            return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    return bunch.images, bunch.target
+
+
 def load_digits(split: str = "train", *, image_size: int = 8) -> Tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's 8x8 digits as ``(images float32 [N, 1, S, S] in [-1, 1], labels int64 [N])``.
 
@@ -94,12 +112,10 @@ def load_digits(split: str = "train", *, image_size: int = 8) -> Tuple[torch.Ten
         raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-    from sklearn.datasets import load_digits as sklearn_digits
-
-    bunch = sklearn_digits()
+    pixels, targets = _sklearn_digits()
     index = _digits_split_indices(split)
-    images = torch.from_numpy(bunch.images[index].astype(np.float32)).unsqueeze(1) / 8.0 - 1.0
-    labels = torch.from_numpy(bunch.target[index].astype(np.int64))
+    images = torch.from_numpy(pixels[index].astype(np.float32)).unsqueeze(1) / 8.0 - 1.0
+    labels = torch.from_numpy(targets[index].astype(np.int64))
     if image_size != 8:
         images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False,
                                antialias=image_size < 8).clamp(-1.0, 1.0)

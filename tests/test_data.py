@@ -139,3 +139,23 @@ def test_dataset_front_door_names():
     assert digits.labels is not None and digits.sample_shape == (1, 8, 8)
     moons = load_dataset("toy2d:moons", num_points=100, seed=3)
     assert moons.sample_shape == (2,) and torch.equal(moons.data, toy2d("moons", 100, 3))
+
+
+def test_digits_are_read_without_importing_scikit_learn_and_equal_its_own(tmp_path):
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    from fastddpm.data import _sklearn_digits
+
+    images, targets = _sklearn_digits()
+    reference = sklearn_digits()
+    np.testing.assert_array_equal(images, reference.images)
+    np.testing.assert_array_equal(targets, reference.target)
+    done = subprocess.run([sys.executable, "-c", "import sys\nfrom fastddpm.data import load_digits\n"
+                           "x, y = load_digits('all')\nassert x.shape == (1797, 1, 8, 8)\n"
+                           "print('sklearn' in sys.modules)"], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"  # ~2 s of start-up saved in every digits command
