@@ -1,12 +1,13 @@
-"""The spread behind the bounds of tests/test_quality.py: the shipped model's pooled quality over
-many seed triples, for each sampler the test runs.
+"""The bounds of tests/test_quality.py: the shipped model's pooled quality over many seed triples,
+for each case the test runs, and the bounds derived from their spread by one rule.
 
-    python benchmarks/quality_bounds.py [--triples 10] [--out docs/quality_bounds.json]
+    python benchmarks/quality_bounds.py [--triples 6] [--out docs/quality_bounds.json]
 
-For triples (0, 1, 2), (3, 4, 5), ...: the pooled FD / floor and mean max-probability of the test's
-sampler, step count and sample count (imported from the test, so they cannot drift apart). Prints
-the test triple's figures, the mean and standard deviation over the triples, and the bound that
-test uses: the test triple's value plus two standard deviations (minus, for the confidence).
+For triples (0, 1, 2), (3, 4, 5), ...: the pooled FD / floor, mean max-probability, class deviation
+and KID excess of each case (sampler, steps) at NUM_SAMPLES samples a seed. The rule, in
+:func:`bounds_of`: the mean over triples plus (FD / floor) or minus (confidence) SPREAD standard
+deviations. The JSON holds the cases, every triple, the bounds and the checkpoint's checksum; the
+test reads its cases and bounds from it (nothing here imports the tests).
 """
 from __future__ import annotations
 
@@ -20,6 +21,22 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# What the test runs: (sampler, steps) cases, samples a seed, the seeds of the test's triple.
+CASES = (("dpmpp_2m", 20), ("ddpm", 100))
+NUM_SAMPLES = 500
+SEEDS = (0, 1, 2)
+# The rule: bounds at the mean over triples -/+ SPREAD standard deviations.
+SPREAD = 2.0
+# Bounds fixed by the quality targets rather than measured (issue 16): every class within 30 % of
+# uniform, the KID excess within 2 standard errors.
+FIXED_BOUNDS = dict(max_class_deviation=0.3, max_kid_excess_in_se=2.0)
+
+
+def bounds_of(ratios, confidences) -> dict:
+    """The one rule: FD / floor at most mean + SPREAD sd, confidence at least mean - SPREAD sd."""
+    return dict(max_fd_ratio=statistics.fmean(ratios) + SPREAD * statistics.stdev(ratios),
+                min_confidence=statistics.fmean(confidences) - SPREAD * statistics.stdev(confidences),
+                **FIXED_BOUNDS)
 
 
 def main(argv=None) -> int:
@@ -34,9 +51,6 @@ def main(argv=None) -> int:
     from fastddpm.evaluation import evaluate_digit_samples, pool_digit_quality
     from fastddpm.metrics import load_digit_classifier
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from test_quality import BOUNDS, NUM_SAMPLES, SEEDS
-
     pretrained = fastddpm.load_pretrained()
     classifier = load_digit_classifier(None)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -44,8 +58,9 @@ def main(argv=None) -> int:
     report = dict(command=" ".join(["python benchmarks/quality_bounds.py", *(argv if argv is not None else
                                                                              sys.argv[1:])]),
                   commit=commit, checkpoint_sha256=pretrained.checksum, machine=platform.machine(),
-                  torch=torch.__version__, num_samples=NUM_SAMPLES, samplers={})
-    for sampler, steps in BOUNDS:
+                  torch=torch.__version__, num_samples=NUM_SAMPLES, seeds=list(SEEDS),
+                  rule=f"mean over triples +/- {SPREAD} sd (FD / floor: +, confidence: -)", samplers={})
+    for sampler, steps in CASES:
         started = time.perf_counter()
         triples = []
         for triple in range(args.triples):
@@ -58,6 +73,7 @@ def main(argv=None) -> int:
                 results.append(evaluate_digit_samples(samples, seed=seed, classifier=classifier))
             pooled = pool_digit_quality(results)
             triples.append(dict(seeds=seeds, fd_ratio=pooled["fd_ratio"],
+                                fd_ratio_with_replacement=pooled["fd_ratio_with_replacement"],
                                 confidence=pooled["mean_max_probability"],
                                 class_deviation=pooled["class_deviation"],
                                 kid_excess_in_se=pooled["kid_excess_in_se"]))
@@ -66,18 +82,16 @@ def main(argv=None) -> int:
         ratios = [t["fd_ratio"] for t in triples]
         confidences = [t["confidence"] for t in triples]
         summary = dict(
-            triples=triples, seconds=time.perf_counter() - started,
+            sampler=sampler, steps=steps, triples=triples, seconds=time.perf_counter() - started,
             fd_ratio_mean=statistics.fmean(ratios), fd_ratio_sd=statistics.stdev(ratios),
             confidence_mean=statistics.fmean(confidences), confidence_sd=statistics.stdev(confidences),
-            test_fd_ratio=ratios[0], test_confidence=confidences[0],
-            suggested_max_fd_ratio=ratios[0] + 2 * statistics.stdev(ratios),
-            suggested_min_confidence=confidences[0] - 2 * statistics.stdev(confidences))
+            test_fd_ratio=ratios[0], test_confidence=confidences[0], bounds=bounds_of(ratios, confidences))
         report["samplers"][f"{sampler}:{steps}"] = summary
         print(f"{sampler} {steps}: test triple FD / floor {ratios[0]:.3f}, over {args.triples} triples "
               f"{summary['fd_ratio_mean']:.3f} ± {summary['fd_ratio_sd']:.3f} -> bound "
-              f"{summary['suggested_max_fd_ratio']:.3f}; confidence {confidences[0]:.4f}, "
+              f"{summary['bounds']['max_fd_ratio']:.3f}; confidence {confidences[0]:.4f}, "
               f"{summary['confidence_mean']:.4f} ± {summary['confidence_sd']:.4f} -> bound "
-              f"{summary['suggested_min_confidence']:.4f}", flush=True)
+              f"{summary['bounds']['min_confidence']:.4f}", flush=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     return 0
 

@@ -105,9 +105,11 @@ def _print_report(report: Dict[str, Any]) -> None:
                                              f"{each('fd', 2)}; {quality['num_samples']} vs "
                                              f"{per_seed[0]['num_heldout']})"),
                 ("FD floor (train vs held-out)", f"{quality['fd_floor']:.2f} ± {quality['fd_floor_sd']:.2f}  "
-                                                 f"(seeds: {each('fd_floor', 2)})"),
+                                                 f"(seeds: {each('fd_floor', 2)}; {per_seed[0]['fd_floor_method']})"),
                 ("FD / floor (pooled)", f"{quality['fd_ratio']:.3f}  (per seed {quality['fd_ratio_mean']:.3f} ± "
                                         f"{quality['fd_ratio_sd']:.3f})"),
+                ("FD / floor with replacement", f"{quality['fd_ratio_with_replacement']:.3f}  (the floor of a model "
+                                                "that reproduces training digits; reported before)"),
                 ("KID x 1000 (samples vs held-out)", f"{1000 * quality['kid']:.2f} ± {1000 * quality['kid_se']:.2f}"),
                 ("KID x 1000 floor", f"{1000 * quality['kid_floor']:.2f} ± {1000 * quality['kid_floor_se']:.2f}  "
                                      f"(excess {quality['kid_excess_in_se']:+.2f} standard errors)"),
