@@ -78,6 +78,9 @@ def __dir__():
 
 
 def __getattr__(name):
+    if name == "schedulers":  # the real module, never the sys.modules stand-in (_register_lazily)
+        pending = sys.modules.get(f"{__name__}.schedulers")
+        return pending._real() if isinstance(pending, _Pending) else importlib.import_module(".schedulers", __name__)
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'fastddpm' has no attribute {name!r}")

@@ -65,6 +65,7 @@ import functools
 import inspect
 import math
 import numbers
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -177,12 +178,27 @@ def _init_of(parent):
         bound.apply_defaults()
         arguments = dict(bound.arguments)
         del arguments[next(iter(arguments))]  # self
-        self._check_arguments(arguments)
-        parent.__init__(self, *args, **kwargs)
-        self._check_betas(arguments)
+        problems: List[str] = []
+        self._check_arguments(arguments, problems)
+        parent.__init__(self, *args, **kwargs)  # diffusers' own errors stay errors
+        self._check_betas(arguments, problems)
+        # Where diffusers accepts a setting fastddpm finds nonsensical, the scheduler accepts it too,
+        # warns once naming it, and steps exactly as diffusers does (the parent's step, not fused).
+        self._unfusable = bool(problems)
+        for problem in problems:
+            warnings.warn(f"fastddpm.{type(self).__name__}: {problem}; diffusers accepts this setting, so this "
+                          "scheduler keeps it and runs diffusers' own step (not fused)", UserWarning, stacklevel=2)
         self._prepare()
 
     return __init__
+
+
+def _noted(problems: List[str], check, *args) -> None:
+    """Run one argument check; a failure is noted in ``problems`` (a warning), not raised."""
+    try:
+        check(*args)
+    except (ValueError, TypeError) as error:
+        problems.append(str(error))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,37 +212,41 @@ class _FusedSteps:
     _prediction_types: Tuple[str, ...] = PREDICTION_TYPES
 
     # ------------------------------------------------------------------ construction
-    def _check_arguments(self, arguments: dict) -> None:
-        """Stricter than diffusers (see the README): refuse at construction what diffusers accepts
-        and then fails on, or silently treats as something else, later."""
-        _check_int("num_train_timesteps", arguments["num_train_timesteps"], 1)
+    def _check_arguments(self, arguments: dict, problems: List[str]) -> None:
+        """Settings diffusers accepts and then fails on, or silently treats as something else,
+        later: each noted in ``problems`` (warned about; the parent's step runs)."""
+        _noted(problems, _check_int, "num_train_timesteps", arguments["num_train_timesteps"], 1)
         if arguments["trained_betas"] is None:
-            _check_real("beta_start", arguments["beta_start"])
-            _check_real("beta_end", arguments["beta_end"])
-        _check_choice("prediction_type", arguments["prediction_type"], self._prediction_types)
-        _check_choice("timestep_spacing", arguments["timestep_spacing"], TIMESTEP_SPACINGS)
+            _noted(problems, _check_real, "beta_start", arguments["beta_start"])
+            _noted(problems, _check_real, "beta_end", arguments["beta_end"])
+        _noted(problems, _check_choice, "prediction_type", arguments["prediction_type"], self._prediction_types)
+        _noted(problems, _check_choice, "timestep_spacing", arguments["timestep_spacing"], TIMESTEP_SPACINGS)
         for name in ("clip_sample", "thresholding", "rescale_betas_zero_snr"):
             if name in arguments:  # DPMSolverMultistepScheduler has no clip_sample
-                _check_bool(name, arguments[name])
+                _noted(problems, _check_bool, name, arguments[name])
         if "clip_sample_range" in arguments:
-            _check_positive("clip_sample_range", arguments["clip_sample_range"])
-        _check_positive("dynamic_thresholding_ratio", arguments["dynamic_thresholding_ratio"], 1.0)
-        _check_positive("sample_max_value", arguments["sample_max_value"])
-        _check_int("steps_offset", arguments["steps_offset"], 0)
+            _noted(problems, _check_positive, "clip_sample_range", arguments["clip_sample_range"])
+        _noted(problems, _check_positive, "dynamic_thresholding_ratio", arguments["dynamic_thresholding_ratio"], 1.0)
+        _noted(problems, _check_positive, "sample_max_value", arguments["sample_max_value"])
+        _noted(problems, _check_int, "steps_offset", arguments["steps_offset"], 0)
 
-    def _check_betas(self, arguments: dict) -> None:
+    def _check_betas(self, arguments: dict, problems: List[str]) -> None:
+        if any(problem.startswith(("beta_start", "beta_end")) for problem in problems):
+            return  # one warning for one setting
         betas, total = self.betas, arguments["num_train_timesteps"]
         if arguments["trained_betas"] is not None:
             if betas.ndim != 1 or betas.numel() != total:
-                raise ValueError(f"trained_betas must hold num_train_timesteps={total} values (a 1-D sequence), "
-                                 f"got shape {tuple(betas.shape)}")
+                problems.append(f"trained_betas should hold num_train_timesteps={total} values (a 1-D sequence), "
+                                f"got shape {tuple(betas.shape)} (diffusers then fails at the first step past the "
+                                "betas given)")
+                return
             source = "trained_betas"
         else:
             source = (f"beta_schedule={arguments['beta_schedule']!r} with beta_start={arguments['beta_start']!r}, "
                       f"beta_end={arguments['beta_end']!r}")
         if not torch.isfinite(betas).all() or (betas <= 0).any() or (betas > 1).any():
-            raise ValueError(f"the betas of {source} must all lie in (0, 1], got values in "
-                             f"[{betas.min().item():.4g}, {betas.max().item():.4g}]")
+            problems.append(f"the betas of {source} should all lie in (0, 1] (beta_t is the variance step t adds), "
+                            f"got values in [{betas.min().item():.4g}, {betas.max().item():.4g}]")
 
     def _prepare(self) -> None:
         # The one schedule the steps and add_noise read, of the parent's float32 alpha_bar with the
@@ -236,6 +256,8 @@ class _FusedSteps:
         except ValueError:
             # float32 alpha_bar reaching 0 before the last timestep (large betas over a long chain)
             # leaves steps the tables cannot hold (diffusers' give 0 / 0 there): run the parent's.
+            self._trained = None
+        if getattr(self, "_unfusable", False):  # a setting warned about at construction
             self._trained = None
         self._index_cache: Dict[torch.device, torch.Tensor] = {}
         self._lookup_host: Optional[torch.Tensor] = None
@@ -262,7 +284,7 @@ class _FusedSteps:
         call()
         values = self.timesteps.tolist()
         total = self.config.num_train_timesteps
-        if min(values) < 0 or max(values) >= total:
+        if self._trained is not None and (min(values) < 0 or max(values) >= total):
             self.__dict__.update(saved)
             raise ValueError(f"timestep_spacing={self.config.timestep_spacing!r} with "
                              f"steps_offset={self.config.steps_offset} gives timesteps outside "
@@ -396,9 +418,9 @@ class DDPMScheduler(_FusedSteps, diffusers.DDPMScheduler):
 
     __init__ = _init_of(diffusers.DDPMScheduler)
 
-    def _check_arguments(self, arguments: dict) -> None:
-        super()._check_arguments(arguments)
-        _check_choice("variance_type", arguments["variance_type"], DDPM_VARIANCE_TYPES)
+    def _check_arguments(self, arguments: dict, problems: List[str]) -> None:
+        super()._check_arguments(arguments, problems)
+        _noted(problems, _check_choice, "variance_type", arguments["variance_type"], DDPM_VARIANCE_TYPES)
 
     def _prepare(self) -> None:
         super()._prepare()
@@ -501,9 +523,9 @@ class DDIMScheduler(_FusedSteps, diffusers.DDIMScheduler):
 
     __init__ = _init_of(diffusers.DDIMScheduler)
 
-    def _check_arguments(self, arguments: dict) -> None:
-        super()._check_arguments(arguments)
-        _check_bool("set_alpha_to_one", arguments["set_alpha_to_one"])
+    def _check_arguments(self, arguments: dict, problems: List[str]) -> None:
+        super()._check_arguments(arguments, problems)
+        _noted(problems, _check_bool, "set_alpha_to_one", arguments["set_alpha_to_one"])
 
     def _prepare(self) -> None:
         super()._prepare()

@@ -42,11 +42,11 @@ def test_a_saved_pipeline_loads_after_import_fastddpm_alone(tmp_path, tiny_unet)
 def test_the_pending_schedulers_module_forwards_writes_to_the_real_one(tmp_path):
     pytest.importorskip("diffusers")
     _python(
-        "import fastddpm\n"
-        "from fastddpm import schedulers\n"            # the stand-in, not imported yet
+        "import sys, fastddpm\n"
+        "schedulers = sys.modules['fastddpm.schedulers']\n"  # the stand-in diffusers finds, not imported yet
+        "assert type(schedulers).__name__ == '_Pending'\n"
         "marker = object()\n"
         "schedulers._test_marker = marker\n"           # a write (monkeypatch) imports and reaches the real module
-        "import sys\n"
         "real = sys.modules['fastddpm.schedulers']\n"
         "assert real._test_marker is marker and schedulers.DDPMScheduler is real.DDPMScheduler\n"
         "del schedulers._test_marker\n"

@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -776,31 +777,66 @@ def test_kernel_loop_with_a_generator_matches_diffusers(monkeypatch, name, confi
 # ---------------------------------------------------------------------------------------------
 # stricter than diffusers, and bad arguments
 # ---------------------------------------------------------------------------------------------
+WARNED_SETTINGS = [
+    (dict(prediction_type="x0"), "prediction_type"),
+    (dict(variance_type="other"), "variance_type"),
+    (dict(timestep_spacing="even"), "timestep_spacing"),
+    (dict(beta_start=0.1, beta_end=2.0), "beta_end=2.0"),
+    (dict(beta_end=float("nan")), "beta_end"),
+    (dict(steps_offset=-1), "steps_offset"),
+    (dict(clip_sample_range=0.0), "clip_sample_range"),
+    (dict(dynamic_thresholding_ratio=1.5), "dynamic_thresholding_ratio"),
+    (dict(thresholding=True, dynamic_thresholding_ratio=0.0), "dynamic_thresholding_ratio"),
+    (dict(sample_max_value=-1.0), "sample_max_value"),
+    (dict(clip_sample="yes"), "clip_sample"),
+    (dict(num_train_timesteps=30, trained_betas=[0.1, 0.2]), "trained_betas"),
+    (dict(num_train_timesteps=2, trained_betas=[0.1, 1.5]), "trained_betas"),
+]
+
+
+def _outcome(scheduler, steps=4):
+    """A short loop's result, or the type of the error it stops with (diffusers' own)."""
+    try:
+        scheduler.set_timesteps(steps)
+        return run_loop(scheduler, LinearModel(2), num_steps=steps)["sample"]
+    except Exception as error:  # noqa: BLE001 - the comparison is of which error
+        return type(error)
+
+
+@pytest.mark.parametrize("kwargs, name", WARNED_SETTINGS)
+def test_settings_diffusers_accepts_are_accepted_with_one_warning_and_run_as_diffusers(kwargs, name):
+    """A drop-in with no exceptions: what diffusers accepts, ours accepts (a UserWarning naming the
+    setting), and a loop gives what diffusers' own class gives (its result, or its error)."""
+    kwargs = dict(kwargs, num_train_timesteps=kwargs.get("num_train_timesteps", 30))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = fastddpm.DDPMScheduler(**kwargs)
+    mine = [w for w in caught if issubclass(w.category, UserWarning) and "fastddpm.DDPMScheduler" in str(w.message)]
+    assert len(mine) == 1 and name.split("=")[0] in str(mine[0].message), [str(w.message) for w in caught]
+    assert ours._trained is None  # every step is diffusers' own
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = diffusers.DDPMScheduler(**kwargs)
+        expected, got = _outcome(theirs), _outcome(ours)
+    if isinstance(expected, type):
+        assert got is expected
+    else:
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(prediction_type="x0"), ValueError, "prediction_type"),
-    (dict(variance_type="other"), ValueError, "variance_type"),
-    (dict(timestep_spacing="even"), ValueError, "timestep_spacing"),
-    (dict(num_train_timesteps=0), ValueError, "num_train_timesteps"),
-    (dict(beta_start=0.1, beta_end=2.0), ValueError, "beta_end=2.0"),
-    (dict(beta_end=float("nan")), ValueError, "beta_end"),
-    (dict(steps_offset=-1), ValueError, "steps_offset"),
-    (dict(clip_sample_range=0.0), ValueError, "clip_sample_range"),
-    (dict(dynamic_thresholding_ratio=1.5), ValueError, "dynamic_thresholding_ratio"),
-    (dict(sample_max_value=-1.0), ValueError, "sample_max_value"),
-    (dict(clip_sample="yes"), TypeError, "clip_sample"),
-    (dict(num_train_timesteps=3, trained_betas=[0.1, 0.2]), ValueError, "trained_betas"),
-    (dict(num_train_timesteps=2, trained_betas=[0.1, 1.5]), ValueError, "trained_betas"),
-    (dict(beta_schedule="cosine"), NotImplementedError, "cosine"),  # diffusers' own check
+    (dict(beta_schedule="cosine"), NotImplementedError, "cosine"),  # diffusers' own checks stay errors
     (dict(no_such_argument=1), TypeError, "no_such_argument"),
 ])
-def test_bad_constructor_arguments(kwargs, error, match):
+def test_diffusers_own_constructor_errors_stay_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
         fastddpm.DDPMScheduler(**kwargs)
 
 
-def test_ddim_constructor_checks_set_alpha_to_one():
-    with pytest.raises(TypeError, match="set_alpha_to_one"):
-        fastddpm.DDIMScheduler(set_alpha_to_one="no")
+def test_ddim_warns_about_a_non_bool_set_alpha_to_one():
+    with pytest.warns(UserWarning, match="set_alpha_to_one"):
+        scheduler = fastddpm.DDIMScheduler(set_alpha_to_one="no")
+    assert scheduler._trained is None
 
 
 @pytest.mark.parametrize("kwargs, match", [
