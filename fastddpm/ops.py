@@ -20,7 +20,8 @@ from . import reference
 from .schedule import NoiseSchedule
 from .step import StepSpec
 
-__all__ = ["BACKENDS", "KERNEL_DTYPES", "q_sample", "step", "ddpm_step", "ddim_step", "timestep_embedding",
+__all__ = ["BACKENDS", "KERNEL_DTYPES", "q_sample", "step", "ddpm_step", "ddim_step", "dpmpp_2m_step",
+           "timestep_embedding",
            "resolve_backend", "triton_available"]
 
 BACKENDS = ("auto", "reference", "triton", "interpret")
@@ -369,6 +370,48 @@ def step(
         pred_x0_out.copy_(x0_target)
         x0_target = pred_x0_out
     return target, x0_target
+
+
+def dpmpp_2m_step(
+    spec: StepSpec,
+    model_output: torch.Tensor,
+    t,
+    x_t: torch.Tensor,
+    previous_x0: torch.Tensor,
+    schedule: NoiseSchedule,
+    *,
+    out: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """One DPM-Solver++(2M) step from chain index ``t`` (:func:`fastddpm.reference.dpmpp_2m_step`,
+    ``kernels/dpm_solver.py``): returns x_{t-1} and overwrites ``previous_x0`` (x_t's shape, dtype
+    and device; D0 of the step before, ignored where the step is first order) with this step's
+    predicted x_0. ``spec.sampler`` must be ``"dpmpp_2m"``; ``out`` may be ``x_t``. Deterministic."""
+    if isinstance(spec, StepSpec) and spec.sampler != "dpmpp_2m":
+        raise ValueError(f"spec.sampler must be 'dpmpp_2m' for dpmpp_2m_step, got {spec.sampler!r}")
+    schedule, t_index = _check_step_args(spec, model_output, t, x_t, schedule)
+    _check_floating("previous_x0", previous_x0)
+    if previous_x0.shape != x_t.shape or previous_x0.dtype != x_t.dtype or previous_x0.device != x_t.device:
+        raise ValueError(f"previous_x0 must match x_t (shape {tuple(x_t.shape)}, {x_t.dtype}, {x_t.device}), got "
+                         f"shape {tuple(previous_x0.shape)}, {previous_x0.dtype}, {previous_x0.device}")
+    if t_index.ndim != 0:
+        raise ValueError(f"t must be one chain index (a scalar) for dpmpp_2m_step, got shape {tuple(t_index.shape)}")
+    _check_out("out", out, x_t)
+    chosen = resolve_backend(backend, x_t.device, x_t.dtype)
+    if chosen == "reference":
+        x_prev, x0 = reference.dpmpp_2m_step(spec, model_output, t_index, x_t, previous_x0, schedule)
+        previous_x0.copy_(x0)
+        return _write(out, x_prev)
+    kernels = kernel_module("dpm_solver", interpret=chosen == "interpret")
+    if not previous_x0.is_contiguous():
+        raise ValueError("previous_x0 must be contiguous (the kernel overwrites it in place)")
+    target = _kernel_target(out, x_t)
+    kernels.dpmpp_2m(spec, model_output.contiguous(), t_index, x_t.contiguous(), previous_x0,
+                     schedule.table(x_t.device, torch.float32), out=target)
+    if out is not None and target is not out:
+        out.copy_(target)
+        target = out
+    return target
 
 
 def ddpm_step(

@@ -18,10 +18,11 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from . import ops, reference
+from . import ops
 from .schedule import NoiseSchedule
+from .step import STEP_RULES, StepRule
 
-__all__ = ["Sampler", "SAMPLERS", "DEFAULT_SAMPLER", "default_steps"]
+__all__ = ["Sampler", "SAMPLERS", "DEFAULT_SAMPLER", "default_steps", "takes_eta_samplers"]
 
 
 def _no_buffers(run) -> Dict[str, torch.Tensor]:
@@ -53,10 +54,22 @@ class Sampler:
     """One sampler: its step, the device buffers it keeps, and the chain it walks."""
 
     step: Callable[[object, torch.Tensor], None]
+    # The update rule of the ops it steps with (fastddpm.step.STEP_RULES: eta, noise, variance channels).
+    rule_name: str
     buffers: Callable[[object], Dict[str, torch.Tensor]] = _no_buffers
     schedule: Callable[[NoiseSchedule, Optional[int]], NoiseSchedule] = _respace_evenly
-    # The command line's step count when none is given (None: the trained chain).
+    # The step count when none is given (None: the trained chain).
     default_steps: Optional[int] = None
+    # One line for help texts.
+    description: str = ""
+
+    def __post_init__(self):
+        if self.rule_name not in STEP_RULES:
+            raise ValueError(f"rule_name must be one of {tuple(STEP_RULES)}, got {self.rule_name!r}")
+
+    @property
+    def rule(self) -> StepRule:
+        return STEP_RULES[self.rule_name]
 
 
 def posterior_step(run, model_output: torch.Tensor) -> None:
@@ -67,26 +80,27 @@ def posterior_step(run, model_output: torch.Tensor) -> None:
 
 def dpmpp_2m(run, model_output: torch.Tensor) -> None:
     """DPM-Solver++(2M): deterministic, second order from the previous step's x_0
-    (``reference.dpmpp_2m_step``, ``kernels/dpm_solver.py``)."""
+    (:func:`fastddpm.ops.dpmpp_2m_step`)."""
     previous = run.buffers["previous_x0"]
-    if run.backend == "reference":
-        x_prev, x0 = reference.dpmpp_2m_step(run.spec, model_output, run.index, run.x, previous, run.schedule)
-        run.x.copy_(x_prev)
-        previous.copy_(x0)
-    else:
-        kernels = ops.kernel_module("dpm_solver", interpret=run.backend == "interpret")
-        kernels.dpmpp_2m(run.spec, model_output.contiguous(), run.index, run.x, previous,
-                         run.schedule.table(run.x.device, torch.float32), out=run.x)
+    ops.dpmpp_2m_step(run.spec, model_output, run.index, run.x, previous, run.schedule, out=run.x,
+                      backend=run.backend)
     if run.pred_x0 is not None:
         run.pred_x0.copy_(previous)
 
 
 SAMPLERS: Dict[str, Sampler] = {
-    "ddpm": Sampler(posterior_step),
-    "ddim": Sampler(posterior_step),
-    "dpmpp_2m": Sampler(dpmpp_2m, buffers=lambda run: {"previous_x0": torch.zeros_like(run.x)},
-                        schedule=_respace_linspace, default_steps=20),
+    "ddpm": Sampler(posterior_step, "ddpm", description="ancestral sampling through the posterior (Ho et al.)"),
+    "ddim": Sampler(posterior_step, "ddim", description="Song et al.'s update, noise scale --eta"),
+    "dpmpp_2m": Sampler(dpmpp_2m, "dpmpp_2m", buffers=lambda run: {"previous_x0": torch.zeros_like(run.x)},
+                        schedule=_respace_linspace, default_steps=20,
+                        description="DPM-Solver++(2M) (Lu et al. 2022), deterministic"),
 }
+
+
+def takes_eta_samplers():
+    """The samplers with a noise scale ``eta`` (their rule's ``takes_eta``)."""
+    return [name for name, entry in SAMPLERS.items() if entry.rule.takes_eta]
+
 
 # The one default of fastddpm.sample, `fastddpm sample` and `fastddpm eval`: DPM-Solver++(2M) at its
 # default 20 steps matched 1000-step DDPM on the shipped model at a fiftieth of the model calls
@@ -101,5 +115,6 @@ def default_steps(sampler: str, num_timesteps: int) -> int:
 
 
 def describe() -> str:
-    """One line per sampler for help texts: its name and default step count."""
-    return "; ".join(f"{name} ({entry.default_steps or 'T'} steps by default)" for name, entry in SAMPLERS.items())
+    """One phrase per sampler for help texts: its name, what it is and its default step count."""
+    return "; ".join(f"{name}: {entry.description} ({entry.default_steps or 'T'} steps by default)"
+                     for name, entry in SAMPLERS.items())

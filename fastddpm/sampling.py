@@ -34,11 +34,9 @@ from .acceleration import ModelOptions, prepare_model
 from .devices import resolve_device
 from .outputs import NonFiniteError
 from .schedule import NoiseSchedule, as_schedule
-from .step import StepSpec
+from .step import StepSpec, check_choice
 
-__all__ = ["sample", "SAMPLERS"]
-
-SAMPLERS = tuple(_REGISTRY)  # the registry's names (fastddpm.samplers)
+__all__ = ["sample"]
 _SEED_LIMIT = 2**63
 # Noise offset of x_T; step k draws from offset k + 1.
 _INITIAL_NOISE_OFFSET = 0
@@ -262,7 +260,8 @@ class _Plan:
             raise ValueError(f"clip_range must be a number > 0, got {clip_range!r}")
         if sampler is None:
             sampler = DEFAULT_SAMPLER
-        spec = StepSpec.build(sampler, prediction_type=prediction_type, variance_type=variance_type,
+        sampler_entry = _REGISTRY[check_choice("sampler", sampler, tuple(_REGISTRY))]
+        spec = StepSpec.build(sampler_entry.rule_name, prediction_type=prediction_type, variance_type=variance_type,
                               clip_denoised=bool(clip_denoised), clip_range=clip_range, eta=eta)
         seed = _check_seed(seed, generator)
         if not (_is_int(first_index) and 0 <= first_index and first_index + shape[0] <= 2**32):
@@ -282,7 +281,6 @@ class _Plan:
             raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
 
         trained = as_schedule(schedule)
-        sampler_entry = _REGISTRY[spec.sampler]
         num_steps = _check_num_steps(num_steps, trained.num_timesteps)
         if num_steps is None:
             num_steps = default_steps(spec.sampler, trained.num_timesteps)
@@ -473,8 +471,7 @@ def _before_step(plan: _Plan, run: _Run, step: int) -> None:
     """Host-side preparation of step ``step``: the generator's noise, drawn in diffusers' order."""
     if run.noise_buffer is None:
         return
-    index = plan.num_steps - 1 - step
-    if plan.spec.sampler != "ddpm" or index > 0:  # DDPM adds (and draws) no noise at index 0
+    if plan.spec.draws_noise_at(plan.num_steps - 1 - step):  # DDPM draws none at its last index
         run.noise_buffer.copy_(_draw(plan))
 
 

@@ -87,7 +87,7 @@ except ImportError as error:
                       f"diffusers cannot be imported ({reason}); install it with: pip install fastddpm[diffusers]"
                       ) from error
 
-from . import ops, reference
+from . import ops
 from .schedule import NoiseSchedule
 from .step import StepSpec
 
@@ -648,17 +648,10 @@ DPM_SIGMA_SCHEDULES = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_
 
 def _dpmpp_2m(spec: StepSpec, model_output: torch.Tensor, index: torch.Tensor, x: torch.Tensor,
               previous_x0: torch.Tensor, chain: NoiseSchedule) -> torch.Tensor:
-    """One fused DPM-Solver++(2M) step from chain index ``index``: returns x_{i-1} and overwrites
-    ``previous_x0`` (contiguous, x's shape) with this step's x_0. The kernel on CUDA (or the
-    interpreter with ``FASTDDPM_BACKEND=interpret``), the reference otherwise, as
-    :func:`fastddpm.samplers.dpmpp_2m` dispatches."""
-    backend = ops.resolve_backend(None, x.device, x.dtype)
-    if backend == "reference":
-        x_prev, x0 = reference.dpmpp_2m_step(spec, model_output, index, x, previous_x0, chain)
-        previous_x0.copy_(x0)
-        return x_prev
-    kernels = ops.kernel_module("dpm_solver", interpret=backend == "interpret")
-    return kernels.dpmpp_2m(spec, model_output.contiguous(), index, x, previous_x0, chain.table(x.device, torch.float32))
+    """One fused DPM-Solver++(2M) step from chain index ``index`` (:func:`fastddpm.ops.dpmpp_2m_step`,
+    the op :func:`fastddpm.samplers.dpmpp_2m` steps with too): returns x_{i-1} and overwrites
+    ``previous_x0`` (contiguous, x's shape) with this step's x_0."""
+    return ops.dpmpp_2m_step(spec, model_output, index, x, previous_x0, chain)
 
 
 class DPMSolverMultistepScheduler(_FusedSteps, diffusers.DPMSolverMultistepScheduler):

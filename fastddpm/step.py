@@ -12,7 +12,8 @@ import math
 import numbers
 from typing import Optional, Sequence, Tuple
 
-__all__ = ["PREDICTION_TYPES", "VARIANCE_TYPES", "LEARNED_VARIANCE_TYPES", "StepSpec", "check_choice"]
+__all__ = ["PREDICTION_TYPES", "VARIANCE_TYPES", "LEARNED_VARIANCE_TYPES", "STEP_RULES", "StepRule", "StepSpec",
+           "check_choice"]
 
 # What the model predicts: the noise eps (Ho et al.), x_0 itself, or v = sqrt(ab) eps - sqrt(1 - ab) x_0
 # (Salimans & Ho).
@@ -23,8 +24,31 @@ PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 # Dhariwal). The learned ones append C variance channels to the model's C mean channels.
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
-# The samplers' vocabulary is the registry fastddpm.samplers.SAMPLERS (ddpm: ancestral sampling
-# through the posterior; ddim: Song et al.'s update with noise scale eta).
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRule:
+    """What one update rule of the ops is, as every path needs to know it (one home, read through
+    the spec: nothing compares a sampler's name).
+
+    ``takes_eta``: the rule has a noise scale (DDIM's eta); ``always_noisy``: it adds noise whatever
+    eta is (ancestral sampling); ``noise_at_last_index``: it also adds noise at the chain's last
+    index (DDPM adds none there: the posterior at t = 0 is x_0); ``reads_model_variance``: it reads a
+    learned variance from the model's extra channels (the others read only the mean channels)."""
+
+    takes_eta: bool = False
+    always_noisy: bool = False
+    noise_at_last_index: bool = True
+    reads_model_variance: bool = False
+
+
+# The update rules the ops implement, by name. The samplers of the registry
+# (fastddpm.samplers.SAMPLERS) each name the rule they step with; this layer does not know them.
+STEP_RULES = {
+    "ddpm": StepRule(always_noisy=True, noise_at_last_index=False, reads_model_variance=True),  # the posterior
+    "ddim": StepRule(takes_eta=True),                                       # Song et al., eta * posterior std
+    "dpmpp_2m": StepRule(),                                                 # DPM-Solver++(2M), deterministic
+}
 
 
 def check_choice(name: str, value, choices: Sequence[str]) -> str:
@@ -54,9 +78,7 @@ class StepSpec:
     eta: float = 0.0
 
     def __post_init__(self):
-        from .samplers import SAMPLERS  # the registry (it imports the ops, which import this module)
-
-        check_choice("sampler", self.sampler, tuple(SAMPLERS))
+        check_choice("sampler", self.sampler, tuple(STEP_RULES))
         check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         check_choice("variance_type", self.variance_type, VARIANCE_TYPES)
         if self.clip_range is not None:
@@ -65,8 +87,10 @@ class StepSpec:
             object.__setattr__(self, "clip_range", float(self.clip_range))
         if not (_real(self.eta) and self.eta >= 0):
             raise ValueError(f"eta must be a finite float >= 0, got {self.eta!r}")
-        if self.sampler != "ddim" and self.eta != 0:
-            raise ValueError(f"eta applies to sampler='ddim' only, got eta={self.eta} with sampler={self.sampler!r}")
+        if not self.rule.takes_eta and self.eta != 0:
+            takers = [name for name, rule in STEP_RULES.items() if rule.takes_eta]
+            raise ValueError(f"eta applies to sampler={' or '.join(map(repr, takers))} only, got eta={self.eta} with "
+                             f"sampler={self.sampler!r}")
         object.__setattr__(self, "eta", float(self.eta))
 
     @classmethod
@@ -79,19 +103,27 @@ class StepSpec:
         return spec if clip_denoised else dataclasses.replace(spec, clip_range=None)
 
     @property
+    def rule(self) -> StepRule:
+        return STEP_RULES[self.sampler]
+
+    @property
     def adds_noise(self) -> bool:
-        """Whether the step draws noise (DDPM adds none at its last index, the step knows from t;
-        DDIM with eta = 0 and DPM-Solver++ are deterministic)."""
-        return self.sampler == "ddpm" or self.eta > 0
+        """Whether the step draws noise (DDPM: at every index but the chain's last; DDIM with
+        eta > 0; DPM-Solver++ never)."""
+        return self.rule.always_noisy or (self.rule.takes_eta and self.eta > 0)
+
+    def draws_noise_at(self, index: int) -> bool:
+        """Whether the step from chain index ``index`` adds noise (and a generator is drawn from)."""
+        return self.adds_noise and (index > 0 or self.rule.noise_at_last_index)
 
     @property
     def learned_variance(self) -> bool:
         return self.variance_type in LEARNED_VARIANCE_TYPES
 
     @property
-    def uses_model_variance(self) -> bool:
+    def reads_model_variance(self) -> bool:
         """Whether the step reads the model's variance channels (DDPM with a learned variance)."""
-        return self.sampler == "ddpm" and self.learned_variance
+        return self.rule.reads_model_variance and self.learned_variance
 
     def model_output_shape(self, sample_shape: Sequence[int]) -> Tuple[int, ...]:
         """The shape the model's output must have for samples of ``sample_shape`` [B, C, ...]."""

@@ -151,7 +151,7 @@ def reverse_step(spec, model_output, t, x_t, table, *, noise=None, seed=None, no
         numel, per_sample, out_sample_stride, table.shape[1],
         spec.clip_range if spec.clip_range is not None else 0.0, spec.eta,
         SAMPLER=SAMPLERS.index(spec.sampler), PREDICTION=PREDICTION_TYPES.index(spec.prediction_type),
-        VARIANCE=VARIANCE_TYPES.index(spec.variance_type) if spec.sampler == "ddpm" else 0,
+        VARIANCE=VARIANCE_TYPES.index(spec.variance_type) if spec.rule.reads_model_variance else 0,
         CLIP=spec.clip_range is not None, ADD_NOISE=spec.adds_noise, HAS_NOISE=noise is not None,
         WRITE_X0=pred_x0_out is not None, T_PER_SAMPLE=t.ndim == 1,
         SAME_LAYOUT=out_sample_stride == per_sample, ROW_LEN=row, ALIGNED=per_sample % row == 0,

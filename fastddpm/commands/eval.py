@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..evaluation import evaluate_digit_samples, evaluate_toy_samples, pool_digit_quality, variational_bound
-from ..samplers import DEFAULT_SAMPLER, SAMPLERS, default_steps
+from ..samplers import DEFAULT_SAMPLER, SAMPLERS, default_steps, takes_eta_samplers
 from ..samplers import describe as describe_samplers
 
 _DIGITS = "digits"
@@ -75,8 +75,8 @@ def _check_args(args) -> None:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.eta < 0:
         raise ValueError(f"--eta must be >= 0, got {args.eta}")
-    if args.eta > 0 and args.sampler != "ddim":
-        raise ValueError("--eta applies to --sampler ddim only")
+    if args.eta > 0 and not SAMPLERS[args.sampler].rule.takes_eta:
+        raise ValueError(f"--eta applies to --sampler {' or '.join(takes_eta_samplers())} only")
     if any(seed < 0 for seed in args.seeds) or len(set(args.seeds)) != len(args.seeds):
         raise ValueError(f"--seed takes distinct seeds >= 0, got {' '.join(map(str, args.seeds))}")
     if args.bound_images is not None and args.bound_images < 1:

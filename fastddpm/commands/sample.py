@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import torch
 
 from ..acceleration import CPU_DEFAULT_BATCH_SIZE
-from ..samplers import DEFAULT_SAMPLER, SAMPLERS, default_steps
+from ..samplers import DEFAULT_SAMPLER, SAMPLERS, default_steps, takes_eta_samplers
 from ..samplers import describe as describe_samplers
 from .common import add_device_argument, add_model_arguments, model_dtype_name, model_options_of
 
@@ -130,8 +130,8 @@ def _check_args(args) -> None:
         raise CommandError(f"--chunk-size must be >= 1, got {args.chunk_size}")
     if not args.eta >= 0:
         raise CommandError(f"--eta must be >= 0, got {args.eta}")
-    if args.sampler != "ddim" and args.eta != 0:
-        raise CommandError("--eta applies to --sampler ddim only")
+    if args.eta != 0 and not SAMPLERS[args.sampler].rule.takes_eta:
+        raise CommandError(f"--eta applies to --sampler {' or '.join(takes_eta_samplers())} only")
     if not 0 <= args.seed < _SEED_LIMIT:
         raise CommandError(f"--seed must lie in [0, 2**63), got {args.seed}")
     args.model_options = model_options_of(args)
