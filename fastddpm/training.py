@@ -99,6 +99,54 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
+LOG_NAME = "log.jsonl"
+
+
+class RunLog:
+    """``out/log.jsonl``, one JSON record a line, appended whole: each record is one ``write`` of
+    an ``O_APPEND`` descriptor (a process killed mid-run leaves whole lines). A torn last line left by
+    an older writer or a crash of the machine is cut off, with a note, before the first append, so
+    that a resumed run's first record does not join it."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._cut_torn_tail()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def _cut_torn_tail(self) -> None:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        if data and not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            print(f"note: {self.path} ended in a torn line ({len(data) - keep} bytes, a run stopped mid-write); "
+                  "cut it off", file=sys.stderr)
+            os.truncate(self.path, keep)
+
+    def append(self, record: Dict[str, Any]) -> None:
+        os.write(self._fd, (json.dumps(record) + "\n").encode("utf-8"))
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def read_log(path) -> List[Dict[str, Any]]:
+    """The records of a run's ``log.jsonl``; a torn last line (a run stopped mid-write) is skipped
+    with a warning, a bad line elsewhere is an error naming it."""
+    import warnings
+
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number == len(lines):
+                warnings.warn(f"{path}: skipped a torn last line ({line[:40]!r}...)", UserWarning, stacklevel=2)
+                break
+            raise ValueError(f"{path}: line {number} is not a JSON record: {line[:60]!r}") from None
+    return records
 class _DataOrder:
     """Position ``p`` of the endless stream of training indices: epoch ``p // N`` is a permutation
     seeded from (seed, epoch); only the epochs in use are kept."""
@@ -427,7 +475,7 @@ def _train_loop(*, preset, dataset, overrides, noise_schedule, schedule_name, st
     log_file = None
     if out is not None and is_main:
         out.mkdir(parents=True, exist_ok=True)
-        log_file = open(out / "log.jsonl", "a", encoding="utf-8")
+        log_file = RunLog(out / LOG_NAME)
 
     # Under torchrun: a CPU (gloo) group for the small control messages (stop requests, whether
     # rank 0 wrote its checkpoint), so that they need no device sync whatever the main backend.
@@ -576,8 +624,7 @@ def _train_loop(*, preset, dataset, overrides, noise_schedule, schedule_name, st
                                   grad_norm=float(last_grad_norm), seconds=round(time.perf_counter() - started, 2))
                     bar.set_postfix(loss=f"{mean_loss:.4f}")
                     if log_file is not None:
-                        log_file.write(json.dumps(record) + "\n")
-                        log_file.flush()
+                        log_file.append(record)
             if ckpt_every and done % ckpt_every == 0 and done != steps:
                 write_checkpoint(done)
             if out is not None and is_main and sample_every and dataset.is_image and done % sample_every == 0:

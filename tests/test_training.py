@@ -345,3 +345,19 @@ def test_the_train_command_says_how_many_steps_this_process_trained(tmp_path, ca
     assert "trained 3 steps in" in capsys.readouterr().out
     assert main([*argv, "--train-steps", "5", "--resume", str(tmp_path / "run" / "checkpoint.safetensors")]) == 0
     assert "trained 2 steps (4..5, resumed at step 3)" in capsys.readouterr().out
+
+
+def test_the_run_log_is_appended_in_whole_lines_and_a_torn_tail_is_cut_or_skipped(tmp_path):
+    from fastddpm.training import RunLog, read_log
+
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo')  # a run that died mid-line
+    with pytest.warns(UserWarning, match="torn last line"):
+        assert read_log(path) == [{"step": 1, "loss": 0.5}]
+    log = RunLog(path)  # a resumed run: the torn tail goes before its first record
+    log.append({"step": 2, "loss": 0.25})
+    log.close()
+    assert read_log(path) == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}]
+    path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_log(path)
