@@ -231,6 +231,30 @@ FLOOR_DRAWS = 8
 _TOY_REFERENCE_SEED = 1_000_000
 
 
+def digit_fd_floors(train_features: torch.Tensor, heldout_features: torch.Tensor, n: int,
+                    generator: torch.Generator):
+    """The FD floors of ``n`` samples: ``(floor, floor_with_replacement, method)``, each the mean over
+    :data:`FLOOR_DRAWS` draws of training features against the held-out ones; ``floor`` from N
+    distinct training digits (N i.i.d. draws of the data distribution, as a model that generalises
+    gives), with replacement only where N exceeds the training digits. The first use of
+    ``generator`` in :func:`evaluate_digit_samples`, so that a seed's floors can be recomputed
+    alone (``benchmarks/refloor.py``)."""
+    from .metrics import frechet_distance
+
+    n_train = train_features.shape[0]
+    with_replacement = torch.randint(n_train, (FLOOR_DRAWS, n), generator=generator)
+    if n <= n_train:
+        draws = [torch.randperm(n_train, generator=generator)[:n] for _ in range(FLOOR_DRAWS)]
+        method = "without replacement"
+    else:
+        draws, method = list(with_replacement), "with replacement (more samples than training digits)"
+
+    def mean_fd(index_sets):
+        return sum(frechet_distance(train_features[index], heldout_features) for index in index_sets) / FLOOR_DRAWS
+
+    return mean_fd(draws), mean_fd(with_replacement), method
+
+
 def evaluate_digit_samples(
     samples: torch.Tensor,
     *,
@@ -289,13 +313,8 @@ def evaluate_digit_samples(
     # (benchmarks/floor_simulation.py, docs/evaluation.md). The mean over FLOOR_DRAWS subsets.
     # KID's floor takes a subset without replacement too (repeated digits would bias its unbiased
     # estimator).
-    n, n_train = samples.shape[0], train_images.shape[0]
-    with_replacement = torch.randint(n_train, (FLOOR_DRAWS, n), generator=generator)
-    if n <= n_train:
-        draws, floor_method = torch.stack([torch.randperm(n_train, generator=generator)[:n]
-                                           for _ in range(FLOOR_DRAWS)]), "without replacement"
-    else:
-        draws, floor_method = with_replacement, "with replacement (more samples than training digits)"
+    fd_floor, fd_floor_replaced, floor_method = digit_fd_floors(all_train_features, heldout_features,
+                                                                samples.shape[0], generator)
     kid_floor_size = min(samples.shape[0], train_images.shape[0])
     subset = torch.randperm(train_images.shape[0], generator=generator)[:kid_floor_size]
     train_features = all_train_features[subset]
@@ -319,11 +338,9 @@ def evaluate_digit_samples(
     near_copy = torch.quantile(nearest_heldout, 0.01)
     return dict(
         fd=frechet_distance(sample_features, heldout_features),
-        fd_floor=sum(frechet_distance(all_train_features[draw], heldout_features) for draw in draws)
-        / FLOOR_DRAWS,
+        fd_floor=fd_floor,
         fd_floor_method=floor_method,
-        fd_floor_with_replacement=sum(frechet_distance(all_train_features[draw], heldout_features)
-                                      for draw in with_replacement) / FLOOR_DRAWS,
+        fd_floor_with_replacement=fd_floor_replaced,
         kid=kid.value,
         kid_se=kid.standard_error,
         kid_floor=kid_floor.value,
