@@ -17,6 +17,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from . import reference
+from .checks import SEED_LIMIT
 from .schedule import NoiseSchedule
 from .step import StepSpec
 
@@ -186,7 +187,7 @@ def _check_noise(noise, x: torch.Tensor, seed, noise_offset, index_base=0, *, ne
     if seed is None:
         raise ValueError("give either noise (a tensor) or seed (an int or int64 tensor) for the step's noise")
     batch = x.shape[0] if x.ndim else 1
-    for name, value, limit in (("seed", seed, 2**63), ("noise_offset", noise_offset, 2**32),
+    for name, value, limit in (("seed", seed, SEED_LIMIT), ("noise_offset", noise_offset, 2**32),
                                ("index_base", index_base, 2**32 - batch + 1)):
         if isinstance(value, torch.Tensor):
             if value.dtype != torch.int64 or value.numel() != 1:

@@ -12,6 +12,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from .checks import check_seed
 from .schedule import NoiseSchedule
 from .step import LEARNED_VARIANCE_TYPES, PREDICTION_TYPES, VARIANCE_TYPES, StepSpec, check_choice
 
@@ -74,8 +75,7 @@ def _uint32_to_uniform(x: torch.Tensor) -> torch.Tensor:
 
 def _seed_words(seed: int) -> Tuple[int, int]:
     seed = int(seed)
-    if not (0 <= seed < 2**63):
-        raise ValueError(f"seed must be an int in [0, 2**63), got {seed}")
+    check_seed(seed)
     return seed & _MASK32, (seed >> 32) & _MASK32
 
 

@@ -31,13 +31,13 @@ from . import ops, reference
 from .samplers import DEFAULT_SAMPLER, default_steps
 from .samplers import SAMPLERS as _REGISTRY
 from .acceleration import ModelOptions, prepare_model
+from .checks import SAMPLE_INDEX_LIMIT, SEED_LIMIT, check_seed
 from .devices import resolve_device
 from .outputs import NonFiniteError
 from .schedule import NoiseSchedule, as_schedule
 from .step import StepSpec, check_choice
 
 __all__ = ["sample"]
-_SEED_LIMIT = 2**63
 # Noise offset of x_T; step k draws from offset k + 1.
 _INITIAL_NOISE_OFFSET = 0
 # Eager steps before a CUDA graph capture (as PyTorch's CUDA-graph notes advise, a few).
@@ -224,8 +224,8 @@ def _resolve_dtype(dtype, model) -> torch.dtype:
 def _check_seed(seed, generator) -> Optional[int]:
     if seed is not None and generator is not None:
         raise ValueError("give seed or generator, not both")
-    if seed is not None and not (_is_int(seed) and 0 <= seed < _SEED_LIMIT):
-        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    if seed is not None:
+        check_seed(seed)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     return None if seed is None else operator.index(seed)
@@ -264,7 +264,7 @@ class _Plan:
         spec = StepSpec.build(sampler_entry.rule_name, prediction_type=prediction_type, variance_type=variance_type,
                               clip_denoised=bool(clip_denoised), clip_range=clip_range, eta=eta)
         seed = _check_seed(seed, generator)
-        if not (_is_int(first_index) and 0 <= first_index and first_index + shape[0] <= 2**32):
+        if not (_is_int(first_index) and 0 <= first_index and first_index + shape[0] <= SAMPLE_INDEX_LIMIT):
             raise ValueError(f"first_index must be an int with first_index + batch <= 2**32, got {first_index!r}")
         if first_index and generator is not None:
             raise ValueError("first_index indexes the seed's noise stream; it does not apply to a generator")
@@ -299,7 +299,7 @@ class _Plan:
                              f"has {math.prod(shape[1:])}; pass a generator")
         if seed is None and generator is None:
             # From torch's global RNG, so that torch.manual_seed makes the call reproducible.
-            seed = int(torch.randint(0, _SEED_LIMIT - 1, (), dtype=torch.int64))
+            seed = int(torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64))
 
         plan = cls()
         plan.model, plan.shape, plan.schedule, plan.spec, plan.sampler = model, shape, schedule, spec, sampler_entry

@@ -12,6 +12,8 @@ import math
 import numbers
 from typing import Optional, Sequence, Tuple
 
+from .checks import check_choice
+
 __all__ = ["PREDICTION_TYPES", "VARIANCE_TYPES", "LEARNED_VARIANCE_TYPES", "STEP_RULES", "StepRule", "StepSpec",
            "check_choice"]
 
@@ -49,13 +51,6 @@ STEP_RULES = {
     "ddim": StepRule(takes_eta=True),                                       # Song et al., eta * posterior std
     "dpmpp_2m": StepRule(),                                                 # DPM-Solver++(2M), deterministic
 }
-
-
-def check_choice(name: str, value, choices: Sequence[str]) -> str:
-    """``value`` if it is one of ``choices``, else a ValueError naming ``name`` and the choices."""
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-    return value
 
 
 def _real(value) -> bool:

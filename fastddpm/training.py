@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import distributed, ops
+from .checks import check_seed
 from .checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from .data import Dataset, load_dataset
 from .devices import resolve_device
@@ -299,8 +300,7 @@ def train(
     lr_schedule = defaults["lr_schedule"] if lr_schedule is None else lr_schedule
     check_choice("lr_schedule", lr_schedule, LR_SCHEDULES)
     ema_start = _positive_int("ema_start", defaults["ema_start"] if ema_start is None else ema_start, allow_zero=True)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    check_seed(seed)
     ckpt_every = _positive_int("ckpt_every", defaults["ckpt_every"] if ckpt_every is None else ckpt_every, allow_zero=True)
     sample_every = _positive_int("sample_every", defaults["sample_every"] if sample_every is None else sample_every,
                                  allow_zero=True)

@@ -167,7 +167,7 @@ def test_bad_arguments_exit_non_zero_with_a_message(argv, message, capsys, tmp_p
 
 
 def test_steps_beyond_the_trained_chain(unet_dir, tmp_path, capsys):
-    assert _run("--checkpoint", unet_dir, "--steps", T_TRAIN + 1, "--out", tmp_path / "x.png") == 1
+    assert _run("--checkpoint", unet_dir, "--steps", T_TRAIN + 1, "--out", tmp_path / "x.png") == 2
     assert f"T={T_TRAIN}" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
 
@@ -176,7 +176,7 @@ def test_unsupported_diffusers_folders(tmp_path, capsys):
     other = tmp_path / "cond"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
-    assert _run("--checkpoint", other) == 1
+    assert _run("--checkpoint", other) == 2
     assert "only UNet2DModel" in capsys.readouterr().err
 
 
@@ -186,13 +186,13 @@ def test_unsupported_scheduler_option(unet_dir, tmp_path, capsys):
     for name in ("config.json", "diffusion_pytorch_model.safetensors"):
         (folder / name).write_bytes((unet_dir / name).read_bytes())
     (folder / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDPMScheduler", "thresholding": True}))
-    assert _run("--checkpoint", folder, "--out", tmp_path / "t.png") == 1
+    assert _run("--checkpoint", folder, "--out", tmp_path / "t.png") == 2
     assert "thresholding" in capsys.readouterr().err
 
 
 def test_missing_diffusers_is_a_clear_error(unet_dir, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError
-    assert _run("--checkpoint", unet_dir) == 1
+    assert _run("--checkpoint", unet_dir) == 2
     assert "pip install diffusers" in capsys.readouterr().err
 
 
@@ -252,7 +252,7 @@ def test_a_folder_keeps_its_model_precision(tmp_path, capsys):
     assert _run(*argv, "--dtype", "bf16") == 0
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["run"]["model_dtype"] == "bf16"
     capsys.readouterr()
-    assert _run(*argv) == 1
+    assert _run(*argv) == 2
     assert "model_dtype 'bf16' there, 'fp32' here" in capsys.readouterr().err
     assert _run(*argv, "--dtype", "bf16", "--compile") == 0  # compilation changes no setting of the run
 

@@ -150,7 +150,7 @@ def test_a_sample_count_that_cannot_fit_is_refused_in_one_line_under_a_memory_li
     done = subprocess.run([sys.executable, "-m", "fastddpm", "sample", "--num-samples", "100000000", "--out", "h.png",
                            "--device", "cpu", "--no-progress"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=120, preexec_fn=limit)
-    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.returncode == 2, done.stderr[-2000:]
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "holds every sample in memory" in lines[0] and "--out DIR/" in lines[0], lines
     assert list(tmp_path.iterdir()) == []
@@ -273,3 +273,14 @@ def test_a_corrupt_chunk_is_said_not_to_be_a_fastddpm_chunk(tmp_path, capsys):
     assert main(["merge", str(tmp_path / "run")]) != 0
     err = capsys.readouterr().err
     assert "chunk-000001.npz" in err and "not a chunk written by fastddpm" in err and "allow_pickle" not in err
+
+
+def test_bad_input_exits_2_in_every_command(tmp_path, capsys):
+    from fastddpm.cli import main
+
+    cases = [["sample", "--steps", "0", "--no-progress"], ["train", "--train-steps", "0", "--out", str(tmp_path / "r")],
+             ["eval", "--steps", "0"], ["merge", str(tmp_path / "missing")], ["demo", "--size", "0"]]
+    for argv in cases:
+        assert main(argv) == 2, argv
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"fastddpm {argv[0]}: error: "), (argv, lines)

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     # facts and plumbing with no fastddpm dependency of note: vocabularies, coefficient tables,
     # devices, outputs, interrupts, process groups, datasets, how the model runs
-    {"step", "schedule", "devices", "outputs", "interrupts", "distributed", "data", "acceleration"},
+    {"checks", "step", "schedule", "devices", "outputs", "interrupts", "distributed", "data", "acceleration"},
     # the two implementations of every op: the PyTorch reference and the Triton kernels
     {"reference", "kernels", "kernels.noise", "kernels.q_sample", "kernels.reverse_step", "kernels.dpm_solver",
      "kernels.timestep_embedding"},

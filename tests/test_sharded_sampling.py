@@ -165,7 +165,7 @@ def test_a_folder_of_another_run_is_refused_and_left_alone(change, message, unet
         change = ["--checkpoint", other]
     arguments = {**base, change[0]: change[1]}
     capsys.readouterr()
-    assert _sample_command(*[str(v) for item in arguments.items() for v in item]) == 1
+    assert _sample_command(*[str(v) for item in arguments.items() for v in item]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"fastddpm sample: error: --out {str(out)!r} holds samples of another run") and message in err
     assert "nothing in it was changed" in err and len(err.strip().splitlines()) == 1
@@ -185,7 +185,7 @@ def test_resume_skips_finished_chunks_redoes_half_written_ones_and_corrupt_ones_
     (out / "chunk-000002.npz").write_bytes(damaged)
     first = (out / "chunk-000000.npz").stat()
     capsys.readouterr()
-    assert _sample_command(*argv) == 1
+    assert _sample_command(*argv) == 2
     err = capsys.readouterr().err
     assert "chunk-000002.npz is corrupt: unreadable" in err and "--redo-corrupt" in err
     assert (out / "chunk-000002.npz").read_bytes() == damaged and not (out / "chunk-000001.npz").exists()
@@ -212,16 +212,16 @@ def test_merge_joins_a_finished_folder_and_refuses_an_unfinished_one(unet_dir, t
     assert (out / "samples.png").is_file()
     (out / "chunk-000001.npz").unlink()
     capsys.readouterr()
-    assert main(["merge", str(out), "--npz", str(tmp_path / "m.npz")]) == 1
+    assert main(["merge", str(out), "--npz", str(tmp_path / "m.npz")]) == 2
     err = capsys.readouterr().err
     assert "1 of 3 chunks missing (chunk-000001.npz)" in err and not (tmp_path / "m.npz").exists()
-    assert main(["merge", str(tmp_path)]) == 1
+    assert main(["merge", str(tmp_path)]) == 2
     assert "no manifest.json" in capsys.readouterr().err
 
 
 def test_torchrun_needs_a_folder_out(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["sample", "--out", "x.png", "--no-progress"]) == 1
+    assert main(["sample", "--out", "x.png", "--no-progress"]) == 2
     assert "--out must be a folder under torchrun" in capsys.readouterr().err
 
 

@@ -9,6 +9,21 @@ from typing import Optional
 import torch
 
 
+# Bad command input (arguments, a checkpoint or folder that does not fit): one line and this exit
+# code in every command, argparse's own for its errors. A failure of the work itself (an output
+# that cannot be written, NaN) exits 1 (fastddpm.cli).
+BAD_INPUT_EXIT = 2
+
+
+class CommandError(ValueError):
+    """A problem with a command's input, reported as one line and :data:`BAD_INPUT_EXIT`."""
+
+
+def report_bad_input(command: str, error: BaseException) -> int:
+    print(f"fastddpm {command}: error: {error}", file=sys.stderr)
+    return BAD_INPUT_EXIT
+
+
 def load_checkpoint_argument(checkpoint: Optional[str], device: torch.device):
     """:func:`fastddpm.checkpoint.load_pretrained` of ``--checkpoint`` (None: the shipped model),
     its failures as one ``ValueError`` naming ``--checkpoint``."""

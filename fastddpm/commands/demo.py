@@ -24,7 +24,9 @@ def _check_args(args) -> torch.device:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch}")
     if args.size < 1:
         raise ValueError(f"--size must be >= 1, got {args.size}")
-    if not 0 <= args.seed < 2**63:
+    from fastddpm.checks import SEED_LIMIT
+
+    if not 0 <= args.seed < SEED_LIMIT:
         raise ValueError(f"--seed must lie in [0, 2**63), got {args.seed}")
     return resolve_device(args.device, argument="--device")
 
@@ -35,8 +37,9 @@ def run(args) -> int:
     try:
         device = _check_args(args)
     except ValueError as error:
-        print(f"fastddpm demo: error: {error}", file=sys.stderr)
-        return 2
+        from .common import report_bad_input
+
+        return report_bad_input("demo", error)
     schedule = NoiseSchedule.linear()
     shape = (args.batch, 3, args.size, args.size)
     generator = torch.Generator().manual_seed(args.seed)

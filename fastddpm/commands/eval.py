@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..evaluation import evaluate_digit_samples, evaluate_toy_samples, pool_digit_quality, variational_bound
+from .common import report_bad_input
 from ..samplers import DEFAULT_SAMPLER, SAMPLERS, default_steps, takes_eta_samplers
 from ..samplers import describe as describe_samplers
 
@@ -154,8 +155,7 @@ def run(args) -> int:
     try:
         return _run(args)
     except (ValueError, TypeError, FileNotFoundError) as error:
-        print(f"fastddpm eval: error: {error}", file=sys.stderr)
-        return 2
+        return report_bad_input("eval", error)
 
 
 def _run(args) -> int:

@@ -20,8 +20,9 @@ def run(args) -> int:
     try:
         return _run(args)
     except ValueError as error:
-        print(f"fastddpm merge: error: {error}", file=sys.stderr)
-        return 1
+        from .common import report_bad_input
+
+        return report_bad_input("merge", error)
 
 
 def _run(args) -> int:

@@ -27,13 +27,13 @@ from typing import Callable, Optional
 import torch
 
 from ..acceleration import CPU_DEFAULT_BATCH_SIZE
+from ..checks import SAMPLE_INDEX_LIMIT, SEED_LIMIT
 from ..samplers import DEFAULT_SAMPLER, SAMPLERS, default_steps, takes_eta_samplers
 from ..samplers import describe as describe_samplers
-from .common import add_device_argument, add_model_arguments, model_dtype_name, model_options_of
+from .common import (CommandError, add_device_argument, add_model_arguments, model_dtype_name, model_options_of,
+                     report_bad_input)
 
 # Sample indices are 32-bit in the noise stream (the Philox counter's sample word).
-_MAX_SAMPLES = 2**32
-_SEED_LIMIT = 2**63
 # Batch size when none is given (image or folder --out): the samples do not depend on it.
 DEFAULT_BATCH_SIZE = 64
 # An image --out holds every sample in host memory at once: the batches, their concatenation and
@@ -41,10 +41,6 @@ DEFAULT_BATCH_SIZE = 64
 _IMAGE_OUT_COPIES = 3
 # How often rank 0 looks at the folder to count the other processes' chunks while it waits.
 _POLL_SECONDS = 0.25
-
-
-class CommandError(Exception):
-    """A problem with the command's input, reported as one line and a non-zero exit."""
 
 
 def configure_parser(parser) -> None:
@@ -100,8 +96,7 @@ def run(args) -> int:
     try:
         return _run(args)
     except CommandError as error:
-        print(f"fastddpm sample: error: {error}", file=sys.stderr)
-        return 1
+        return report_bad_input("sample", error)
 
 
 def _run(args) -> int:
@@ -120,7 +115,7 @@ def _run(args) -> int:
 # arguments
 # ---------------------------------------------------------------------------------------------
 def _check_args(args) -> None:
-    if not 1 <= args.num_samples <= _MAX_SAMPLES:
+    if not 1 <= args.num_samples <= SAMPLE_INDEX_LIMIT:
         raise CommandError(f"--num-samples must lie in [1, 2**32], got {args.num_samples}")
     if args.steps is not None and args.steps < 1:
         raise CommandError(f"--steps must be >= 1, got {args.steps}")
@@ -132,7 +127,7 @@ def _check_args(args) -> None:
         raise CommandError(f"--eta must be >= 0, got {args.eta}")
     if args.eta != 0 and not SAMPLERS[args.sampler].rule.takes_eta:
         raise CommandError(f"--eta applies to --sampler {' or '.join(takes_eta_samplers())} only")
-    if not 0 <= args.seed < _SEED_LIMIT:
+    if not 0 <= args.seed < SEED_LIMIT:
         raise CommandError(f"--seed must lie in [0, 2**63), got {args.seed}")
     args.model_options = model_options_of(args)
 

@@ -12,7 +12,7 @@ from ..models import PRESETS
 from ..schedule import BETA_SCHEDULES
 from ..step import PREDICTION_TYPES, VARIANCE_TYPES
 from ..training import CHECKPOINT_NAME, EMA_NAME, LR_SCHEDULES, PRECISIONS, TRAINING_DEFAULTS
-from .common import add_deprecated_alias, add_device_argument, flag_names, in_flag_terms
+from .common import add_deprecated_alias, add_device_argument, flag_names, in_flag_terms, report_bad_input
 
 
 def _parse_model_arg(text: str) -> Tuple[str, Any]:
@@ -126,8 +126,7 @@ def run(args) -> int:
             progress=args.progress,
         )
     except (ValueError, TypeError, FileNotFoundError) as error:
-        print(f"fastddpm train: error: {in_flag_terms(str(error), args.flag_names)}", file=sys.stderr)
-        return 2
+        return report_bad_input("train", in_flag_terms(str(error), args.flag_names))
     if int(os.environ.get("RANK", "0")) == 0:
         last = f", final loss {result.losses[-1][1]:.4f}" if result.losses else ""
         done = result.step - result.start_step
