@@ -278,6 +278,7 @@ class NoiseSchedule:
         *,
         final_alpha_cumprod: float = 1.0,
         coefficient_dtype: torch.dtype = torch.float64,
+        timesteps=None,
     ) -> "NoiseSchedule":
         """Schedule whose alpha_bar is ``alphas_cumprod`` as given (e.g. diffusers' float32 table,
         widened to float64 exactly), values below :data:`MIN_ALPHA_CUMPROD` raised to it.
@@ -285,7 +286,8 @@ class NoiseSchedule:
         Each beta is 1 - alpha_bar_t / alpha_bar_{t-1} (alpha_bar_{-1} = 1), the beta a step from
         t to t - 1 implies; so the posterior's coefficients are the ones a sampler working from
         these alpha_bar values computes, not those of betas that would round to them.
-        ``coefficient_dtype`` as in the constructor.
+        ``coefficient_dtype`` and ``timesteps`` (the model's timestep of each index; default the
+        indices) as in the constructor.
         """
         values = torch.as_tensor(alphas_cumprod).detach().to(device="cpu", dtype=torch.float64)
         if values.ndim != 1 or values.numel() < 1:
@@ -298,7 +300,7 @@ class NoiseSchedule:
             first = int((values >= previous).nonzero()[0, 0])
             raise ValueError(f"alphas_cumprod must decrease strictly from below 1 (every beta > 0); "
                              f"alphas_cumprod[{first}] = {values[first].item()!r} does not")
-        return cls(1.0 - values / previous, final_alpha_cumprod=final_alpha_cumprod, alphas_cumprod=values,
+        return cls(1.0 - values / previous, timesteps, final_alpha_cumprod=final_alpha_cumprod, alphas_cumprod=values,
                    coefficient_dtype=coefficient_dtype)
 
     @classmethod

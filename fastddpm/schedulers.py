@@ -645,6 +645,9 @@ class DDIMScheduler(_FusedSteps, diffusers.DDIMScheduler):
 # Sigma schedules other than the plain VP one of the trained alpha_bar (the fused step's chain).
 DPM_SIGMA_SCHEDULES = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
                        "use_flow_sigmas")
+# Of those, the ones the fused step takes: another chain of noise levels, the same step. The chain's
+# table is built from alpha_bar = 1 / (1 + sigma^2) of diffusers' own sigmas (set_timesteps).
+DPM_FUSED_SIGMA_SCHEDULES = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
 
 
 def _dpmpp_2m(spec: StepSpec, model_output: torch.Tensor, index: torch.Tensor, x: torch.Tensor,
@@ -663,8 +666,9 @@ class DPMSolverMultistepScheduler(_FusedSteps, diffusers.DPMSolverMultistepSched
     The fused path takes ``algorithm_type="dpmsolver++"``, ``solver_order=2``,
     ``solver_type="midpoint"``, ``final_sigmas_type="zero"`` (whatever ``lower_order_final`` and
     ``euler_at_final``: with "zero" diffusers' last step is first order anyway), the plain VP sigmas
-    of the trained alpha_bar (none of ``use_karras_sigmas``, ``use_exponential_sigmas``,
-    ``use_beta_sigmas``, ``use_lu_lambdas``, ``use_flow_sigmas``), any ``timestep_spacing``,
+    of the trained alpha_bar or ``use_karras_sigmas`` / ``use_exponential_sigmas`` /
+    ``use_beta_sigmas`` (a chain built from diffusers' own sigmas; not ``use_lu_lambdas`` or
+    ``use_flow_sigmas``), any ``timestep_spacing``,
     ``steps_offset``, ``lambda_min_clipped`` or custom ``timesteps`` whose timesteps do not repeat,
     ``thresholding=False``, prediction types epsilon / sample / v_prediction, ``variance_type``
     None or, with epsilon, learned / learned_range (diffusers keeps the first 3 channels, as the
@@ -696,7 +700,22 @@ class DPMSolverMultistepScheduler(_FusedSteps, diffusers.DPMSolverMultistepSched
         return (self._trained is not None and config.algorithm_type == "dpmsolver++" and config.solver_order == 2
                 and config.solver_type == "midpoint" and config.final_sigmas_type == "zero"
                 and not config.thresholding and config.prediction_type in PREDICTION_TYPES
-                and not any(getattr(config, name, False) for name in DPM_SIGMA_SCHEDULES))
+                and not any(getattr(config, name, False) for name in DPM_SIGMA_SCHEDULES
+                            if name not in DPM_FUSED_SIGMA_SCHEDULES))
+
+    def _sigma_chain(self) -> Optional[NoiseSchedule]:
+        """The chain of diffusers' own sigmas (Karras, exponential, beta): index i is the i-th lowest
+        noise level, alpha_bar = 1 / (1 + sigma^2) as diffusers' ``_sigma_to_alpha_sigma_t`` gives;
+        the last step lands on sigma 0 (x_0). None where the levels do not strictly decrease."""
+        sigmas = self.sigmas.detach().to(device="cpu", dtype=torch.float64)
+        levels = sigmas[:-1]  # the last entry is final_sigmas_type's 0
+        alpha_bar = 1.0 / (1.0 + levels.flip(0) ** 2)
+        try:
+            # the model's timestep at each level: diffusers' own (interpolated from the sigmas), ascending
+            return NoiseSchedule.from_alphas_cumprod(alpha_bar, coefficient_dtype=torch.float32,
+                                                     timesteps=torch.tensor(self._host_timesteps[::-1]))
+        except ValueError:
+            return None
 
     def set_timesteps(self, num_inference_steps: Optional[int] = None, device: Union[str, torch.device, None] = None,
                       mu: Optional[float] = None, timesteps: Optional[List[int]] = None) -> None:
@@ -708,9 +727,11 @@ class DPMSolverMultistepScheduler(_FusedSteps, diffusers.DPMSolverMultistepSched
             device)
         self._chain = None
         ascending = sorted(values)
-        if self._fused_settings() and all(a < b for a, b in zip(ascending, ascending[1:])):
+        sigma_chain = any(getattr(self.config, name, False) for name in DPM_FUSED_SIGMA_SCHEDULES)
+        if self._fused_settings() and (sigma_chain or all(a < b for a, b in zip(ascending, ascending[1:]))):
             # index i of the chain is diffusers' step len - 1 - i; its last step lands on x_0 (alpha_bar 1)
-            self._chain = self._trained.respace(ascending)
+            self._chain = self._sigma_chain() if sigma_chain else self._trained.respace(ascending)
+        if self._chain is not None:
             self._spec = StepSpec("dpmpp_2m", self.config.prediction_type, "fixed_small", None)
             if self.timesteps.device.type not in HOST_DEVICE_TYPES:
                 self._chain.table(self.timesteps.device, torch.float32)

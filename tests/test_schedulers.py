@@ -1030,8 +1030,12 @@ def test_dpm_loop_matches_diffusers(dpm_calls, prediction_type, num_steps):
 FUSED_DPM = [dict(prediction_type="sample", timestep_spacing="trailing"),
              dict(beta_schedule="squaredcos_cap_v2", lower_order_final=False),
              dict(euler_at_final=True, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"),
-             dict(variance_type="learned_range")]
-PARENT_DPM = [dict(use_karras_sigmas=True), dict(use_exponential_sigmas=True), dict(use_lu_lambdas=True),
+             dict(variance_type="learned_range"),
+             # another chain of noise levels, the same fused step (issue 23)
+             dict(use_karras_sigmas=True), dict(use_exponential_sigmas=True), dict(use_beta_sigmas=True),
+             dict(use_karras_sigmas=True, prediction_type="v_prediction", beta_schedule="scaled_linear",
+                  timestep_spacing="trailing")]
+PARENT_DPM = [dict(use_lu_lambdas=True),
               dict(algorithm_type="sde-dpmsolver++"), dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"),
               dict(solver_order=3),
               dict(solver_order=1), dict(solver_type="heun"), dict(final_sigmas_type="sigma_min"),
