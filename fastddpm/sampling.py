@@ -34,7 +34,7 @@ from .acceleration import ModelOptions, prepare_model
 from .checks import SAMPLE_INDEX_LIMIT, SEED_LIMIT, check_seed
 from .devices import resolve_device
 from .outputs import NonFiniteError
-from .schedule import NoiseSchedule, as_schedule
+from .schedule import as_schedule
 from .step import StepSpec, check_choice
 
 __all__ = ["sample"]

@@ -153,7 +153,7 @@ def test_forcing_triton_on_cpu_tensors_is_one_line_in_every_path(monkeypatch):
     """What 23 tests hit on a GPU host (GPU run 3): FASTDDPM_BACKEND=triton while the tensors are
     on the CPU. The scheduler's step and sample() say so in one line, before any model call."""
     pytest.importorskip("triton")
-    diffusers = pytest.importorskip("diffusers")  # noqa: F841
+    pytest.importorskip("diffusers")
     import fastddpm
 
     monkeypatch.setenv("FASTDDPM_BACKEND", "triton")

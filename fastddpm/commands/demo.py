@@ -1,7 +1,6 @@
 """``fastddpm demo``: one pass of every per-step op on random data, checked against the reference."""
 from __future__ import annotations
 
-import sys
 import time
 
 import torch

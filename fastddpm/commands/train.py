@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Any, Tuple
 
 from ..losses import LOSS_TYPES
