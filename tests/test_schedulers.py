@@ -1100,3 +1100,34 @@ def test_dpm_pipeline_matches_diffusers_and_round_trips(tiny_unets, tmp_path, dp
     np.testing.assert_array_equal(run_pipeline(loaded, num_inference_steps=5), images)
     again = fastddpm.DPMSolverMultistepScheduler.from_pretrained(tmp_path / "scheduler")
     assert type(again) is fastddpm.DPMSolverMultistepScheduler
+
+
+@pytest.mark.parametrize("kwargs", [dict(beta_start=0.1, beta_end=2.0), dict(variance_type="other"),
+                                    dict(num_train_timesteps=1000, trained_betas=[0.1, 0.2]),
+                                    dict(thresholding=True, dynamic_thresholding_ratio=0.0)])
+def test_a_pipeline_diffusers_saved_with_such_a_setting_loads_runs_and_saves_through_ours(tiny_unets, tmp_path,
+                                                                                            kwargs):
+    """Issue 23: a user's saved pipeline keeps working after the import swap."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        diffusers.DDPMPipeline(unet=tiny_unets[3], scheduler=diffusers.DDPMScheduler(**kwargs)).save_pretrained(
+            tmp_path / "theirs")
+        with pytest.warns(UserWarning, match="diffusers accepts this setting"):
+            scheduler = fastddpm.DDPMScheduler.from_pretrained(tmp_path / "theirs" / "scheduler")
+        ours = diffusers.DDPMPipeline(unet=tiny_unets[3], scheduler=scheduler)
+        theirs = diffusers.DDPMPipeline.from_pretrained(tmp_path / "theirs")
+
+        def outcome(pipe):
+            try:
+                return run_pipeline(pipe, num_inference_steps=3)
+            except Exception as error:  # noqa: BLE001 - diffusers' own error, the same on both sides
+                return type(error)
+
+        expected, got = outcome(theirs), outcome(ours)
+        if isinstance(expected, type):
+            assert got is expected
+        else:
+            np.testing.assert_array_equal(got, expected)
+        ours.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "model_index.json").read_text())["scheduler"] == [
+        "fastddpm.schedulers", "DDPMScheduler"]
