@@ -225,6 +225,93 @@ def _save_sample_grid(ema_model: nn.Module, schedule: NoiseSchedule, config: Dic
 # ---------------------------------------------------------------------------------------------
 # train
 # ---------------------------------------------------------------------------------------------
+def _variance_and_loss(variance_type: Optional[str], loss_type: Optional[str], overrides: Dict[str, Any]):
+    """The variance type and loss (defaults from each other), checked together; sets the model's
+    ``learned_variance`` override to match."""
+    if variance_type is None:
+        variance_type = "learned_range" if overrides.get("learned_variance") else "fixed_small"
+    check_choice("variance_type", variance_type, VARIANCE_TYPES)
+    learned = variance_type in LEARNED_VARIANCE_TYPES
+    if overrides.get("learned_variance", learned) != learned:
+        raise ValueError(f"model_overrides learned_variance={overrides['learned_variance']} contradicts "
+                         f"variance_type={variance_type!r}")
+    overrides["learned_variance"] = learned
+    if loss_type is None:
+        loss_type = "hybrid" if learned else "simple"
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type == "simple" and learned:
+        raise ValueError(f"variance_type={variance_type!r} needs loss_type 'hybrid' or 'vlb'")
+    if loss_type == "hybrid" and not learned:
+        raise ValueError("loss_type='hybrid' needs a learned variance (variance_type='learned_range')")
+    return variance_type, loss_type
+
+
+def _noise_schedule_of(schedule, num_timesteps):
+    """``(NoiseSchedule, its name)`` of ``train``'s ``schedule`` argument."""
+    if isinstance(schedule, NoiseSchedule):
+        return schedule, "custom"
+    if isinstance(schedule, str):
+        if schedule not in BETA_SCHEDULES:
+            raise ValueError(f"schedule must be one of {BETA_SCHEDULES} or a NoiseSchedule, got {schedule!r}")
+        return NoiseSchedule.from_name(schedule, _positive_int("num_timesteps", num_timesteps)), schedule
+    raise TypeError(f"schedule must be a schedule name or a NoiseSchedule, got {type(schedule).__name__}")
+
+
+def _resume_source(resume, out: Optional[Path]):
+    """``(checkpoint path or None, note or None)`` of ``train``'s ``resume`` argument."""
+    if resume is False or resume is None:
+        return None, None
+    if resume is True:
+        if out is None:
+            raise ValueError("resume=True needs out (the run folder holding checkpoint.safetensors)")
+        candidate = out / CHECKPOINT_NAME
+        if candidate.exists():
+            return candidate, None
+        return None, f"note: no {CHECKPOINT_NAME} in {str(out)!r} to resume from; starting at step 0"
+    path = Path(resume)
+    if not path.exists():
+        raise FileNotFoundError(f"resume checkpoint {str(path)!r} does not exist")
+    return path, None
+
+
+def _training_data(data, preset: str, data_options, overrides: Dict[str, Any]) -> Dataset:
+    """The dataset of ``train``'s ``data``, checked against the preset (and the model's size,
+    channels or dimension set in ``overrides`` from it)."""
+    architecture = PRESETS[preset]["architecture"]
+    options = dict(data_options or {})
+    is_array = not isinstance(data, Dataset) and Path(os.fspath(data)).suffix.lower() in (".npy", ".npz")
+    if isinstance(data, Dataset):
+        dataset = data
+    else:
+        # Folders of images are resized to the model's size; an array keeps its own size unless
+        # told otherwise, and a mismatch with the preset is refused below rather than resized.
+        sized = "image_size" in options or "image_size" in overrides
+        if architecture == "unet" and "image_size" not in options and data != "digits" and (sized or not is_array):
+            options["image_size"] = overrides.get("image_size", PRESETS[preset]["image_size"])
+        if architecture == "unet" and "channels" not in options and data != "digits":
+            options["channels"] = overrides.get("in_channels", PRESETS[preset]["in_channels"])
+        dataset = load_dataset(data, **options)
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty")
+    if architecture == "unet":
+        if not dataset.is_image:
+            raise ValueError(f"preset {preset!r} is an image model but data {dataset.name!r} has sample shape "
+                             f"{dataset.sample_shape}; use preset 'toy2d' for points")
+        channels, height, width = dataset.sample_shape
+        if height != width:
+            raise ValueError(f"images must be square, got {height}x{width}")
+        if is_array:
+            _check_array_fits_preset(preset, dataset, options, overrides)
+        overrides.setdefault("in_channels", channels)
+        overrides.setdefault("image_size", height)
+    else:
+        if dataset.is_image or len(dataset.sample_shape) != 1:
+            raise ValueError(f"preset {preset!r} is for vectors [N, D], got data of sample shape {dataset.sample_shape}")
+        overrides.setdefault("dim", dataset.sample_shape[0])
+    return dataset
+
+
 def train(
     preset: str = "digits",
     data: Union[str, os.PathLike, Dataset, None] = None,
@@ -309,89 +396,21 @@ def train(
     num_samples = _positive_int("num_samples", num_samples)
     check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     overrides = dict(model_overrides or {})
-    if variance_type is None:
-        variance_type = "learned_range" if overrides.get("learned_variance") else "fixed_small"
-    check_choice("variance_type", variance_type, VARIANCE_TYPES)
-    learned = variance_type in LEARNED_VARIANCE_TYPES
-    if overrides.get("learned_variance", learned) != learned:
-        raise ValueError(f"model_overrides learned_variance={overrides['learned_variance']} contradicts "
-                         f"variance_type={variance_type!r}")
-    overrides["learned_variance"] = learned
-    if loss_type is None:
-        loss_type = "hybrid" if learned else "simple"
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if loss_type == "simple" and learned:
-        raise ValueError(f"variance_type={variance_type!r} needs loss_type 'hybrid' or 'vlb'")
-    if loss_type == "hybrid" and not learned:
-        raise ValueError("loss_type='hybrid' needs a learned variance (variance_type='learned_range')")
+    variance_type, loss_type = _variance_and_loss(variance_type, loss_type, overrides)
     vlb_weight = _positive_float("vlb_weight", vlb_weight, allow_zero=True)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if isinstance(schedule, NoiseSchedule):
-        noise_schedule, schedule_name = schedule, "custom"
-    elif isinstance(schedule, str):
-        if schedule not in BETA_SCHEDULES:
-            raise ValueError(f"schedule must be one of {BETA_SCHEDULES} or a NoiseSchedule, got {schedule!r}")
-        noise_schedule, schedule_name = NoiseSchedule.from_name(schedule, _positive_int("num_timesteps", num_timesteps)), schedule
-    else:
-        raise TypeError(f"schedule must be a schedule name or a NoiseSchedule, got {type(schedule).__name__}")
+    check_choice("precision", precision, PRECISIONS)
+    noise_schedule, schedule_name = _noise_schedule_of(schedule, num_timesteps)
     noise_schedule.check_prediction_type(prediction_type)
     if callback is not None and not callable(callback):
         raise TypeError("callback must be callable")
     if device is not None:
         device = resolve_device(device, argument="device")
     out = Path(out) if out is not None else None
-    resume_path: Optional[Path] = None
-    resume_note = None
-    if resume is not False and resume is not None:
-        if resume is True:
-            if out is None:
-                raise ValueError("resume=True needs out (the run folder holding checkpoint.safetensors)")
-            candidate = out / CHECKPOINT_NAME
-            resume_path = candidate if candidate.exists() else None
-            if resume_path is None:
-                resume_note = f"note: no {CHECKPOINT_NAME} in {str(out)!r} to resume from; starting at step 0"
-        else:
-            resume_path = Path(resume)
-            if not resume_path.exists():
-                raise FileNotFoundError(f"resume checkpoint {str(resume_path)!r} does not exist")
+    resume_path, resume_note = _resume_source(resume, out)
     if out is not None:  # before any work: the run folder must take files
         check_writable(out, "out", folder=True)
 
-    # ---- data and model
-    architecture = PRESETS[preset]["architecture"]
-    options = dict(data_options or {})
-    is_array = not isinstance(data, Dataset) and Path(os.fspath(data)).suffix.lower() in (".npy", ".npz")
-    if isinstance(data, Dataset):
-        dataset = data
-    else:
-        # Folders of images are resized to the model's size; an array keeps its own size unless
-        # told otherwise, and a mismatch with the preset is refused below rather than resized.
-        sized = "image_size" in options or "image_size" in overrides
-        if architecture == "unet" and "image_size" not in options and data != "digits" and (sized or not is_array):
-            options["image_size"] = overrides.get("image_size", PRESETS[preset]["image_size"])
-        if architecture == "unet" and "channels" not in options and data != "digits":
-            options["channels"] = overrides.get("in_channels", PRESETS[preset]["in_channels"])
-        dataset = load_dataset(data, **options)
-    if len(dataset) == 0:
-        raise ValueError("the dataset is empty")
-    if architecture == "unet":
-        if not dataset.is_image:
-            raise ValueError(f"preset {preset!r} is an image model but data {dataset.name!r} has sample shape "
-                             f"{dataset.sample_shape}; use preset 'toy2d' for points")
-        channels, height, width = dataset.sample_shape
-        if height != width:
-            raise ValueError(f"images must be square, got {height}x{width}")
-        if is_array:
-            _check_array_fits_preset(preset, dataset, options, overrides)
-        overrides.setdefault("in_channels", channels)
-        overrides.setdefault("image_size", height)
-    else:
-        if dataset.is_image or len(dataset.sample_shape) != 1:
-            raise ValueError(f"preset {preset!r} is for vectors [N, D], got data of sample shape {dataset.sample_shape}")
-        overrides.setdefault("dim", dataset.sample_shape[0])
-
+    dataset = _training_data(data, preset, data_options, overrides)
     rank, world_size, device, created_group = distributed.setup(device)
     try:
         if batch_size % world_size:
@@ -399,16 +418,15 @@ def train(
         amp_dtype = _amp_dtype(precision, device)
         # Training reseeds the global generator every step (dropout); the caller's state is restored.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            return _train_loop(
+            return _Trainer(_Settings(
                 preset=preset, dataset=dataset, overrides=overrides, noise_schedule=noise_schedule,
                 schedule_name=schedule_name, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
                 weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay, lr_schedule=lr_schedule,
                 ema_start=ema_start, seed=seed, prediction_type=prediction_type, variance_type=variance_type,
-                loss_type=loss_type,
-                vlb_weight=vlb_weight, out=out, ckpt_every=ckpt_every, sample_every=sample_every,
-                sample_steps=sample_steps, num_samples=num_samples, log_every=log_every, resume_path=resume_path,
-                resume_note=resume_note, device=device, precision=precision, amp_dtype=amp_dtype, progress=progress,
-                callback=callback, rank=rank, world_size=world_size)
+                loss_type=loss_type, vlb_weight=vlb_weight, out=out, ckpt_every=ckpt_every,
+                sample_every=sample_every, sample_steps=sample_steps, num_samples=num_samples, log_every=log_every,
+                resume_path=resume_path, resume_note=resume_note, device=device, precision=precision,
+                amp_dtype=amp_dtype, progress=progress, callback=callback, rank=rank, world_size=world_size)).run()
     finally:
         if created_group:
             import torch.distributed as dist
@@ -416,251 +434,339 @@ def train(
             dist.destroy_process_group()
 
 
-def _train_loop(*, preset, dataset, overrides, noise_schedule, schedule_name, steps, batch_size, lr, warmup_steps,
-                weight_decay, grad_clip, ema_decay, lr_schedule, ema_start, seed, prediction_type, variance_type,
-                loss_type, vlb_weight,
-                out, ckpt_every, sample_every, sample_steps, num_samples, log_every, resume_path, resume_note, device,
-                precision, amp_dtype, progress, callback, rank, world_size) -> TrainResult:
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-    from tqdm.auto import tqdm
+@dataclass
+class _Settings:
+    """Everything a training run was asked for, checked (:func:`train` builds it)."""
 
-    torch.manual_seed(derive_seed(seed, _STREAM_INIT))
-    raw_model = create_model(preset, **overrides)
-    if tuple(dataset.sample_shape)[0] != getattr(raw_model, "in_channels", dataset.sample_shape[0]):
-        raise ValueError(f"the model takes {raw_model.in_channels} channels but the data has {dataset.sample_shape[0]}")
-    raw_model.to(device).train()
-    config = {
-        "preset": preset,
-        "model": raw_model.config,
-        "diffusion": dict(schedule=schedule_name, num_timesteps=noise_schedule.num_timesteps,
-                          prediction_type=prediction_type, variance_type=variance_type, loss_type=loss_type,
-                          vlb_weight=vlb_weight,
+    preset: str
+    dataset: Dataset
+    overrides: Dict[str, Any]
+    noise_schedule: NoiseSchedule
+    schedule_name: str
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    weight_decay: float
+    grad_clip: Optional[float]
+    ema_decay: float
+    lr_schedule: str
+    ema_start: int
+    seed: int
+    prediction_type: str
+    variance_type: str
+    loss_type: str
+    vlb_weight: float
+    out: Optional[Path]
+    ckpt_every: int
+    sample_every: int
+    sample_steps: int
+    num_samples: int
+    log_every: int
+    resume_path: Optional[Path]
+    resume_note: Optional[str]
+    device: torch.device
+    precision: str
+    amp_dtype: Optional[torch.dtype]
+    progress: bool
+    callback: Optional[Callable[[int, torch.Tensor], None]]
+    rank: int
+    world_size: int
+
+
+def _run_config(s: _Settings, model: nn.Module) -> Dict[str, Any]:
+    """The config a checkpoint carries: what rebuilds the model, the diffusion and the run."""
+    dataset = s.dataset
+    return {
+        "preset": s.preset,
+        "model": model.config,
+        "diffusion": dict(schedule=s.schedule_name, num_timesteps=s.noise_schedule.num_timesteps,
+                          prediction_type=s.prediction_type, variance_type=s.variance_type, loss_type=s.loss_type,
+                          vlb_weight=s.vlb_weight,
                           # x_0 lives in [-1, 1] only for images; 2-D point sets span a wider range.
                           clip_denoised=dataset.is_image),
         "sample_shape": list(dataset.sample_shape),
         "data": dict(name=dataset.name, size=len(dataset), random_flip=dataset.random_flip, **dataset.info),
-        "training": dict(seed=seed, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
-                         weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay, ema_start=ema_start,
-                         lr_schedule=lr_schedule, precision=precision,
-                         world_size=world_size),
+        "training": dict(seed=s.seed, steps=s.steps, batch_size=s.batch_size, lr=s.lr, warmup_steps=s.warmup_steps,
+                         weight_decay=s.weight_decay, grad_clip=s.grad_clip, ema_decay=s.ema_decay,
+                         ema_start=s.ema_start, lr_schedule=s.lr_schedule, precision=s.precision,
+                         world_size=s.world_size),
     }
-    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
-    ema = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
-    start_step = 0
-    resumed_window = None
-    if resume_path is not None:
-        checkpoint = load_checkpoint(resume_path, model=raw_model, ema=ema.module, optimizer=optimizer, device=device)
-        _check_resumable(checkpoint.config, config, resume_path)
-        start_step = checkpoint.step
-        ema.n_averaged.fill_(int(checkpoint.extra.get("ema_n_averaged", start_step)))
-        if scaler is not None and "grad_scaler" in checkpoint.extra:
-            scaler.load_state_dict(checkpoint.extra["grad_scaler"])
+
+class _Trainer:
+    """One training run: the state (model, EMA, optimizer, the log window, the counters) and its
+    pieces, one method each: resuming, one optimisation step, the log window, the periodic outputs
+    (checkpoints, sample grids), stopping on a signal, and the final saves."""
+
+    def __init__(self, s: _Settings):
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        from tqdm.auto import tqdm
+
+        self.s = s
+        torch.manual_seed(derive_seed(s.seed, _STREAM_INIT))
+        raw_model = create_model(s.preset, **s.overrides)
+        if tuple(s.dataset.sample_shape)[0] != getattr(raw_model, "in_channels", s.dataset.sample_shape[0]):
+            raise ValueError(f"the model takes {raw_model.in_channels} channels but the data has "
+                             f"{s.dataset.sample_shape[0]}")
+        self.raw_model = raw_model.to(s.device).train()
+        self.config = _run_config(s, raw_model)
+        self.optimizer = torch.optim.AdamW(raw_model.parameters(), lr=s.lr, betas=(0.9, 0.999),
+                                           weight_decay=s.weight_decay)
+        self.ema = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(s.ema_decay), use_buffers=True)
+        self.scaler = torch.amp.GradScaler("cuda") if s.amp_dtype == torch.float16 else None
+        self.is_main = s.rank == 0
+        self.start_step, resumed_window = self._resume()
+        self.model: nn.Module = raw_model
+        if s.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(raw_model,
+                                                 device_ids=[s.device.index] if s.device.type == "cuda" else None)
+        self.log_file = None
+        if s.out is not None and self.is_main:
+            s.out.mkdir(parents=True, exist_ok=True)
+            self.log_file = RunLog(s.out / LOG_NAME)
+        # Under torchrun: a CPU (gloo) group for the small control messages (stop requests, whether
+        # rank 0 wrote its checkpoint), so that they need no device sync whatever the main backend.
+        self.control_group = None
+        if s.world_size > 1 and torch.distributed.get_backend() != "gloo":
+            self.control_group = torch.distributed.new_group(backend="gloo")
+        self.interrupts = DeferredInterrupts()
+        self.order = _DataOrder(len(s.dataset), s.seed)
+        local = s.batch_size // s.world_size
+        self.local_slice = slice(s.rank * local, (s.rank + 1) * local)
+        self.sample_shape = tuple(s.dataset.sample_shape)
+        dataset = s.dataset
+        if dataset.data.numel() * dataset.data.element_size() < 2**30:
+            dataset = Dataset(dataset.data.to(s.device), dataset.name, dataset.labels, dataset.random_flip,
+                              dataset.info)
+        self.dataset = dataset
+        self.losses: List[Tuple[int, float]] = []
+        self.running_loss = torch.zeros((), device=s.device)
+        self.running_count = 0
+        if resumed_window:  # the steps of the log window before the checkpoint (float32: exact round trip)
+            self.running_loss.fill_(resumed_window["loss_sum"])
+            self.running_count = int(resumed_window["steps"])
+        self.last_grad_norm = torch.zeros((), device=s.device)
+        self.started = time.perf_counter()
+        self.bar = tqdm(total=s.steps, initial=self.start_step, disable=not (s.progress and self.is_main),
+                        desc="train", dynamic_ncols=True)
+        self.batch_generator = torch.Generator()
+        self.noise_generator = torch.Generator(device=s.device)
+
+    # ------------------------------------------------------------------ resume
+    def _resume(self):
+        """``(start step, the checkpoint's log window or None)``, the state loaded from the checkpoint."""
+        s = self.s
+        if s.resume_path is None:
+            if s.resume_note is not None and self.is_main:
+                print(s.resume_note, file=sys.stderr)
+            return 0, None
+        checkpoint = load_checkpoint(s.resume_path, model=self.raw_model, ema=self.ema.module,
+                                     optimizer=self.optimizer, device=s.device)
+        _check_resumable(checkpoint.config, self.config, s.resume_path)
+        self.ema.n_averaged.fill_(int(checkpoint.extra.get("ema_n_averaged", checkpoint.step)))
+        if self.scaler is not None and "grad_scaler" in checkpoint.extra:
+            self.scaler.load_state_dict(checkpoint.extra["grad_scaler"])
         if checkpoint.rng_state is not None:
             restore_rng_state(checkpoint.rng_state)
-        resumed_window = checkpoint.extra.get("log_window")
-        if rank == 0:
-            print(f"resuming from {str(resume_path)!r} at step {start_step}", file=sys.stderr)
-    elif resume_note is not None and rank == 0:
-        print(resume_note, file=sys.stderr)
+        if self.is_main:
+            print(f"resuming from {str(s.resume_path)!r} at step {checkpoint.step}", file=sys.stderr)
+        return checkpoint.step, checkpoint.extra.get("log_window")
 
-    model: nn.Module = raw_model
-    if world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    is_main = rank == 0
-    log_file = None
-    if out is not None and is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        log_file = RunLog(out / LOG_NAME)
-
-    # Under torchrun: a CPU (gloo) group for the small control messages (stop requests, whether
-    # rank 0 wrote its checkpoint), so that they need no device sync whatever the main backend.
-    control_group = None
-    if world_size > 1 and torch.distributed.get_backend() != "gloo":
-        control_group = torch.distributed.new_group(backend="gloo")
-
-    def write_checkpoint(step: int) -> Optional[Path]:
+    # ------------------------------------------------------------------ checkpoints and signals
+    def write_checkpoint(self, step: int) -> Optional[Path]:
         """The full state at ``step`` into out/checkpoint.safetensors (rank 0 writes, the others
         wait). If the write fails, a copy goes elsewhere and every rank raises the error naming it."""
-        if out is None:
+        s = self.s
+        if s.out is None:
             return None
         failure: Optional[BaseException] = None
         # The loss log's open window (steps since the last log line), so that a resumed run logs the
         # mean over the same steps as an uninterrupted one: the sum's mean over ranks, which every
         # rank takes back (the logged mean over ranks is then the same, up to float rounding).
-        window_sum = running_loss.detach().clone()
-        if world_size > 1:
+        window_sum = self.running_loss.detach().clone()
+        if s.world_size > 1:
             torch.distributed.all_reduce(window_sum)
-            window_sum /= world_size
-        if is_main:
-            extra = {"ema_n_averaged": int(ema.n_averaged.item()),
-                     "log_window": {"loss_sum": float(window_sum), "steps": running_count}}
-            if scaler is not None:
-                extra["grad_scaler"] = scaler.state_dict()
+            window_sum /= s.world_size
+        if self.is_main:
+            extra = {"ema_n_averaged": int(self.ema.n_averaged.item()),
+                     "log_window": {"loss_sum": float(window_sum), "steps": self.running_count}}
+            if self.scaler is not None:
+                extra["grad_scaler"] = self.scaler.state_dict()
             try:
                 save_or_rescue(lambda path: save_checkpoint(
-                    path, config=config, schedule=noise_schedule, model=raw_model, ema=ema.module,
-                    optimizer=optimizer, step=step, rng_state=capture_rng_state(), extra=extra),
-                    out / CHECKPOINT_NAME, argument="out", what=f"the checkpoint of step {step}")
+                    path, config=self.config, schedule=s.noise_schedule, model=self.raw_model, ema=self.ema.module,
+                    optimizer=self.optimizer, step=step, rng_state=capture_rng_state(), extra=extra),
+                    s.out / CHECKPOINT_NAME, argument="out", what=f"the checkpoint of step {step}")
             except (OSError, NonFiniteError) as error:
                 failure = error
-        if world_size > 1:  # also the barrier: every rank waits for rank 0's write
+        if s.world_size > 1:  # also the barrier: every rank waits for rank 0's write
             status = [failure]
-            torch.distributed.broadcast_object_list(status, src=0, group=control_group)
+            torch.distributed.broadcast_object_list(status, src=0, group=self.control_group)
             failure = status[0]
         if failure is not None:
             raise failure
-        return out / CHECKPOINT_NAME
+        return s.out / CHECKPOINT_NAME
 
-    interrupts = DeferredInterrupts()
-
-    def stop_signal() -> Optional[int]:
+    def stop_signal(self) -> Optional[int]:
         """The signal that asked this run to stop (agreed by all ranks), else None."""
-        if world_size == 1:
-            return interrupts.signum
-        flag = torch.tensor([interrupts.signum or 0], dtype=torch.int64)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=control_group)
+        if self.s.world_size == 1:
+            return self.interrupts.signum
+        flag = torch.tensor([self.interrupts.signum or 0], dtype=torch.int64)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.control_group)
         return int(flag) or None
 
-    def stopped(signum: int, done: int) -> Interrupted:
+    def stopped(self, signum: int, done: int) -> Interrupted:
         """Save what the finished steps earned and say where, for the one line the CLI prints."""
-        if out is None:
+        s = self.s
+        if s.out is None:
             return Interrupted(signum, f"stopped after step {done}; nothing saved (no out folder)")
-        if done == start_step:
-            kept = f"; {str(resume_path)!r} is unchanged" if resume_path is not None else ""
+        if done == self.start_step:
+            kept = f"; {str(s.resume_path)!r} is unchanged" if s.resume_path is not None else ""
             return Interrupted(signum, f"stopped before step {done + 1} finished; nothing new to save{kept}")
-        path = write_checkpoint(done)
-        if not is_main:
-            return Interrupted(signum, f"rank {rank} stopped at step {done} with rank 0, which saved the checkpoint")
+        path = self.write_checkpoint(done)
+        if not self.is_main:
+            return Interrupted(signum, f"rank {s.rank} stopped at step {done} with rank 0, which saved the checkpoint")
         return Interrupted(signum, f"saved the checkpoint of step {done} to {path}; continue with --resume")
 
-    order = _DataOrder(len(dataset), seed)
-    local = batch_size // world_size
-    local_slice = slice(rank * local, (rank + 1) * local)
-    sample_shape = tuple(dataset.sample_shape)
-    data_on_device = dataset.data.to(device) if dataset.data.numel() * dataset.data.element_size() < 2**30 else None
-    if data_on_device is not None:
-        dataset = Dataset(data_on_device, dataset.name, dataset.labels, dataset.random_flip, dataset.info)
-    losses: List[Tuple[int, float]] = []
-    running_loss = torch.zeros((), device=device)
-    running_count = 0
-    if resumed_window:  # the steps of the log window before the checkpoint (float32: exact round trip)
-        running_loss.fill_(resumed_window["loss_sum"])
-        running_count = int(resumed_window["steps"])
-    last_grad_norm = torch.zeros((), device=device)
-    started = time.perf_counter()
-    bar = tqdm(total=steps, initial=start_step, disable=not (progress and is_main), desc="train", dynamic_ncols=True)
-    batch_generator = torch.Generator()
-    noise_generator = torch.Generator(device=device)
+    # ------------------------------------------------------------------ one step
+    def train_step(self, step: int) -> torch.Tensor:
+        """One optimisation step; returns its loss (a device tensor). Everything random about it
+        derives from (seed, step): see the module docstring."""
+        s, device = self.s, self.s.device
+        self.batch_generator.manual_seed(derive_seed(s.seed, _STREAM_BATCH, step))
+        self.noise_generator.manual_seed(derive_seed(s.seed, _STREAM_BATCH, step))
+        torch.manual_seed(derive_seed(s.seed, _STREAM_DROPOUT, step, s.rank))
+        indices = self.order.indices(step * s.batch_size, s.batch_size)
+        x0 = self.dataset.batch(indices, self.batch_generator)[self.local_slice]
+        t = torch.randint(0, s.noise_schedule.num_timesteps, (s.batch_size,), generator=self.noise_generator,
+                          device=device)[self.local_slice]
+        noise = torch.randn((s.batch_size, *self.sample_shape), generator=self.noise_generator,
+                            device=device)[self.local_slice]
+        x0 = x0.to(device, non_blocking=True)
+        x_t = ops.q_sample(x0, t, s.noise_schedule, noise=noise)
 
-    step = start_step
-    try:
-        interrupts.__enter__()  # from here, SIGINT / SIGTERM wait for the end of a step
-        for step in range(start_step, steps):
-            # Everything random about this step derives from (seed, step): see the module docstring.
-            batch_generator.manual_seed(derive_seed(seed, _STREAM_BATCH, step))
-            noise_generator.manual_seed(derive_seed(seed, _STREAM_BATCH, step))
-            torch.manual_seed(derive_seed(seed, _STREAM_DROPOUT, step, rank))
-            indices = order.indices(step * batch_size, batch_size)
-            x0 = dataset.batch(indices, batch_generator)[local_slice]
-            t = torch.randint(0, noise_schedule.num_timesteps, (batch_size,), generator=noise_generator,
-                              device=device)[local_slice]
-            noise = torch.randn((batch_size, *sample_shape), generator=noise_generator, device=device)[local_slice]
-            x0 = x0.to(device, non_blocking=True)
-            x_t = ops.q_sample(x0, t, noise_schedule, noise=noise)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps=s.steps, lr=s.lr, warmup_steps=s.warmup_steps,
+                                        schedule=s.lr_schedule)
+        with torch.autocast(device.type, dtype=s.amp_dtype or torch.float32, enabled=s.amp_dtype is not None):
+            model_output = self.model(x_t, s.noise_schedule.timesteps.to(device)[t])
+        per_sample, _ = training_losses(model_output.float(), x0, x_t, noise, t, s.noise_schedule,
+                                        loss_type=s.loss_type, prediction_type=s.prediction_type,
+                                        variance_type=s.variance_type, vlb_weight=s.vlb_weight)
+        loss = per_sample.mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if s.grad_clip is not None:
+            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), s.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if step < s.ema_start:  # until ema_start the average is the weights themselves
+            self.ema.module.load_state_dict(self.raw_model.state_dict())
+        else:
+            self.ema.update_parameters(self.raw_model)
+        return loss
 
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, steps=steps, lr=lr, warmup_steps=warmup_steps, schedule=lr_schedule)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                model_output = model(x_t, noise_schedule.timesteps.to(device)[t])
-            per_sample, _ = training_losses(model_output.float(), x0, x_t, noise, t, noise_schedule,
-                                            loss_type=loss_type, prediction_type=prediction_type,
-                                            variance_type=variance_type, vlb_weight=vlb_weight)
-            loss = per_sample.mean()
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if grad_clip is not None:
-                last_grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            if step < ema_start:  # until ema_start the average is the weights themselves
-                ema.module.load_state_dict(raw_model.state_dict())
-            else:
-                ema.update_parameters(raw_model)
+    # ------------------------------------------------------------------ the log window
+    def log(self, done: int) -> None:
+        """Close the log window at step ``done``: the mean loss over its steps (and ranks), refused
+        if NaN, into the losses, the progress bar and log.jsonl."""
+        s = self.s
+        mean_loss = (self.running_loss / self.running_count).item()
+        if s.world_size > 1:
+            reduced = torch.tensor([mean_loss], device=s.device)
+            torch.distributed.all_reduce(reduced)
+            mean_loss = reduced.item() / s.world_size
+        if not math.isfinite(mean_loss) and self.scaler is None:
+            # Without a grad scaler to skip it, a NaN loss has made the weights NaN too.
+            kept = f"; the last checkpoint in {str(s.out)!r} is kept" if s.out is not None else ""
+            first = done - self.running_count + 1
+            when = f"at step {done}" if first == done else f"between steps {first} and {done}"
+            raise NonFiniteError(f"the training loss became NaN or infinite {when}; stopped without saving{kept}")
+        self.losses.append((done, mean_loss))
+        self.running_loss.zero_()
+        self.running_count = 0
+        if self.is_main:
+            record = dict(step=done, loss=mean_loss, lr=self.optimizer.param_groups[0]["lr"],
+                          grad_norm=float(self.last_grad_norm), seconds=round(time.perf_counter() - self.started, 2))
+            self.bar.set_postfix(loss=f"{mean_loss:.4f}")
+            if self.log_file is not None:
+                self.log_file.append(record)
 
-            done = step + 1
-            running_loss += loss.detach()
-            running_count += 1
-            bar.update(1)
-            if done % log_every == 0 or done == steps:
-                mean_loss = (running_loss / running_count).item()
-                if world_size > 1:
-                    reduced = torch.tensor([mean_loss], device=device)
-                    torch.distributed.all_reduce(reduced)
-                    mean_loss = reduced.item() / world_size
-                if not math.isfinite(mean_loss) and scaler is None:
-                    # Without a grad scaler to skip it, a NaN loss has made the weights NaN too.
-                    kept = f"; the last checkpoint in {str(out)!r} is kept" if out is not None else ""
-                    first = done - running_count + 1
-                    when = f"at step {done}" if first == done else f"between steps {first} and {done}"
-                    raise NonFiniteError(f"the training loss became NaN or infinite {when}; stopped without "
-                                         f"saving{kept}")
-                losses.append((done, mean_loss))
-                running_loss.zero_()
-                running_count = 0
-                if is_main:
-                    record = dict(step=done, loss=mean_loss, lr=optimizer.param_groups[0]["lr"],
-                                  grad_norm=float(last_grad_norm), seconds=round(time.perf_counter() - started, 2))
-                    bar.set_postfix(loss=f"{mean_loss:.4f}")
-                    if log_file is not None:
-                        log_file.append(record)
-            if ckpt_every and done % ckpt_every == 0 and done != steps:
-                write_checkpoint(done)
-            if out is not None and is_main and sample_every and dataset.is_image and done % sample_every == 0:
-                grid = out / "samples" / f"step_{done:07d}.png"
-                try:
-                    _save_sample_grid(ema.module, noise_schedule, config, grid, seed, num_samples, sample_steps,
-                                      device)
-                except OSError as error:  # a preview: losing it must not cost the run
-                    tqdm.write(f"note: could not write the sample grid {str(grid)!r} ({describe_os_error(error)})",
-                               file=sys.stderr)
-            if callback is not None:
-                callback(done, loss.detach())
-            signum = stop_signal()
-            if signum is not None:
-                raise stopped(signum, done)
-        final_step = max(steps, start_step)
-        if out is not None:
-            if start_step < steps or not (out / CHECKPOINT_NAME).exists():
-                write_checkpoint(final_step)
-            if is_main:
-                save_or_rescue(lambda path: save_checkpoint(path, config=config, schedule=noise_schedule,
-                                                            ema=ema.module, step=final_step),
-                               out / EMA_NAME, argument="out", what=f"the EMA weights of step {final_step}")
-        if interrupts.signum is not None:  # the signal came during the final saves, which finished
-            raise Interrupted(interrupts.signum, f"the run had finished; its checkpoint of step {final_step} is in "
-                                                 f"{out}" if out is not None else "the run had finished")
-    finally:
-        interrupts.__exit__(None, None, None)
-        bar.close()
-        if log_file is not None:
-            log_file.close()
-    ema_model = ema.module
-    ema_model.eval()
-    return TrainResult(model=raw_model, ema_model=ema_model, step=max(steps, start_step), config=config,
-                       schedule=noise_schedule, losses=losses, out=out, wall_seconds=time.perf_counter() - started,
-                       start_step=start_step)
+    # ------------------------------------------------------------------ periodic outputs
+    def periodic_outputs(self, done: int, loss: torch.Tensor) -> None:
+        """After step ``done``: a checkpoint every ``ckpt_every`` steps, a sample grid every
+        ``sample_every``, the caller's callback."""
+        from tqdm.auto import tqdm
+
+        s = self.s
+        if s.ckpt_every and done % s.ckpt_every == 0 and done != s.steps:
+            self.write_checkpoint(done)
+        if s.out is not None and self.is_main and s.sample_every and self.dataset.is_image \
+                and done % s.sample_every == 0:
+            grid = s.out / "samples" / f"step_{done:07d}.png"
+            try:
+                _save_sample_grid(self.ema.module, s.noise_schedule, self.config, grid, s.seed, s.num_samples,
+                                  s.sample_steps, s.device)
+            except OSError as error:  # a preview: losing it must not cost the run
+                tqdm.write(f"note: could not write the sample grid {str(grid)!r} ({describe_os_error(error)})",
+                           file=sys.stderr)
+        if s.callback is not None:
+            s.callback(done, loss.detach())
+
+    # ------------------------------------------------------------------ the run
+    def finish(self) -> int:
+        """The final checkpoint and EMA weights; returns the final step."""
+        s = self.s
+        final_step = max(s.steps, self.start_step)
+        if s.out is not None:
+            if self.start_step < s.steps or not (s.out / CHECKPOINT_NAME).exists():
+                self.write_checkpoint(final_step)
+            if self.is_main:
+                save_or_rescue(lambda path: save_checkpoint(path, config=self.config, schedule=s.noise_schedule,
+                                                            ema=self.ema.module, step=final_step),
+                               s.out / EMA_NAME, argument="out", what=f"the EMA weights of step {final_step}")
+        if self.interrupts.signum is not None:  # the signal came during the final saves, which finished
+            raise Interrupted(self.interrupts.signum, f"the run had finished; its checkpoint of step {final_step} is "
+                                                      f"in {s.out}" if s.out is not None else "the run had finished")
+        return final_step
+
+    def run(self) -> TrainResult:
+        s = self.s
+        try:
+            self.interrupts.__enter__()  # from here, SIGINT / SIGTERM wait for the end of a step
+            for step in range(self.start_step, s.steps):
+                loss = self.train_step(step)
+                done = step + 1
+                self.running_loss += loss.detach()
+                self.running_count += 1
+                self.bar.update(1)
+                if done % s.log_every == 0 or done == s.steps:
+                    self.log(done)
+                self.periodic_outputs(done, loss)
+                signum = self.stop_signal()
+                if signum is not None:
+                    raise self.stopped(signum, done)
+            final_step = self.finish()
+        finally:
+            self.interrupts.__exit__(None, None, None)
+            self.bar.close()
+            if self.log_file is not None:
+                self.log_file.close()
+        ema_model = self.ema.module
+        ema_model.eval()
+        return TrainResult(model=self.raw_model, ema_model=ema_model, step=final_step, config=self.config,
+                           schedule=s.noise_schedule, losses=self.losses, out=s.out,
+                           wall_seconds=time.perf_counter() - self.started, start_step=self.start_step)
 
 
 def _check_array_fits_preset(preset: str, dataset: Dataset, options: Dict[str, Any],

@@ -98,3 +98,17 @@ def test_the_rule_catches_an_upward_import(tmp_path):
     fake.write_text("def f():\n    from .sampling import sample\n")
     found = list(_imports("step", fake))
     assert ("sampling", "sample") in found and _layer_of("sampling") > _layer_of("step")
+
+
+def test_no_function_is_longer_than_120_lines():
+    """Code one can hold in one's head (issue 24): every function of the library, the kernels and
+    the benchmarks fits in 120 lines."""
+    long = []
+    for folder in ("fastddpm", "kernels", "benchmarks"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    length = node.end_lineno - node.lineno + 1
+                    if length > 120:
+                        long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length} lines)")
+    assert not long, long
