@@ -17,7 +17,7 @@ from fastddpm.schedule import table_row
 from fastddpm.step import PREDICTION_TYPES
 
 from .noise import DEFAULT_BLOCK, DEFAULT_NUM_WARPS
-from .reverse_step import _coef, predict_x0
+from .common import _coef, predict_x0
 
 ROW_RATIO, ROW_DATA, ROW_DIFF = (
     tl.constexpr(table_row(name)) for name in ("dpmpp_sigma_ratio", "dpmpp_data_coef", "dpmpp_diff_coef"))

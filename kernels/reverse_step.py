@@ -13,43 +13,21 @@ import triton.language as tl
 from fastddpm.schedule import table_row
 from fastddpm.step import PREDICTION_TYPES, VARIANCE_TYPES
 
+from .common import EPSILON, ROW_SQRT_1M_AB, ROW_SQRT_AB, SAMPLE, _coef, predict_x0
 from .noise import DEFAULT_BLOCK, DEFAULT_NUM_WARPS, batch_position, layout_2d, row_length, sample_noise
 
 # The kernel's constexpr codes: positions in the vocabularies of fastddpm.step.
-EPSILON, SAMPLE, V_PREDICTION = (tl.constexpr(PREDICTION_TYPES.index(name)) for name in ("epsilon", "sample", "v_prediction"))
 FIXED_SMALL, FIXED_SMALL_LOG, FIXED_LARGE, LEARNED, LEARNED_RANGE = (
     tl.constexpr(VARIANCE_TYPES.index(name))
     for name in ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range"))
-SAMPLERS = ("ddpm", "ddim")  # the samplers this kernel implements
+SAMPLERS = ("ddpm", "ddim")  # the update rules this kernel implements (fastddpm.step.STEP_RULES)
 DDPM, DDIM = (tl.constexpr(SAMPLERS.index(name)) for name in SAMPLERS)
-# Rows of the schedule's packed table (fastddpm.schedule.TABLE_ROWS) the step kernels gather from.
-(ROW_SQRT_AB, ROW_SQRT_1M_AB, ROW_SQRT_RECIP_AB, ROW_SQRT_RECIPM1_AB, ROW_COEF1, ROW_COEF2, ROW_POST_VAR,
- ROW_POST_LOGVAR, ROW_LOG_BETA, ROW_SQRT_AB_PREV, ROW_1M_AB_PREV) = (tl.constexpr(table_row(name)) for name in (
-    "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2", "posterior_variance",
-    "posterior_log_variance_clipped", "log_betas", "sqrt_alphas_cumprod_prev", "one_minus_alphas_cumprod_prev"))
-
-
-@triton.jit
-def _coef(table_ptr, row, num_timesteps, t):
-    return tl.load(table_ptr + row * num_timesteps + t)
-
-
-@triton.jit
-def predict_x0(table_ptr, num_timesteps, t, x, out, PREDICTION: tl.constexpr, CLIP: tl.constexpr, clip_range):
-    """x_0 from the model's output ``out`` at x_t = ``x`` (float32), clipped to +-clip_range when
-    ``CLIP``. NaN stays NaN (as in torch.clamp): plain min/max would turn it into +-clip_range on a
-    GPU. Shared by every step kernel."""
-    if PREDICTION == EPSILON:
-        x0 = _coef(table_ptr, ROW_SQRT_RECIP_AB, num_timesteps, t) * x - _coef(
-            table_ptr, ROW_SQRT_RECIPM1_AB, num_timesteps, t) * out
-    elif PREDICTION == SAMPLE:
-        x0 = out
-    else:  # V_PREDICTION
-        x0 = _coef(table_ptr, ROW_SQRT_AB, num_timesteps, t) * x - _coef(table_ptr, ROW_SQRT_1M_AB, num_timesteps, t) * out
-    if CLIP:
-        x0 = tl.clamp(x0, -clip_range, clip_range, propagate_nan=tl.PropagateNan.ALL)
-    return x0
+# Rows of the schedule's packed table (fastddpm.schedule.TABLE_ROWS) the step gathers from, beside
+# the x_0 rows of .common.
+(ROW_COEF1, ROW_COEF2, ROW_POST_VAR, ROW_POST_LOGVAR, ROW_LOG_BETA, ROW_SQRT_AB_PREV, ROW_1M_AB_PREV) = (
+    tl.constexpr(table_row(name)) for name in (
+        "posterior_mean_coef1", "posterior_mean_coef2", "posterior_variance", "posterior_log_variance_clipped",
+        "log_betas", "sqrt_alphas_cumprod_prev", "one_minus_alphas_cumprod_prev"))
 
 
 @triton.jit
