@@ -24,6 +24,7 @@ import torch
 
 from . import reference
 from .losses import discretized_gaussian_log_likelihood, normal_kl, p_mean_variance, posterior_mean_variance
+from .checks import check_int
 from .outputs import require_finite
 from .schedule import NoiseSchedule
 from .step import PREDICTION_TYPES, VARIANCE_TYPES, check_choice
@@ -102,11 +103,6 @@ def _call_model(model, x_t: torch.Tensor, model_t: torch.Tensor, batch_size: int
     return torch.cat(outputs).to(torch.float64)
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
 @torch.no_grad()
 def variational_bound(
     model,
@@ -149,8 +145,8 @@ def variational_bound(
     check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     check_choice("variance_type", variance_type, VARIANCE_TYPES)
     schedule.check_prediction_type(prediction_type)
-    _check_int("batch_size", batch_size, 1)
-    _check_int("seed", seed, 0)
+    check_int("batch_size", batch_size, 1)
+    check_int("seed", seed, 0)
 
     start_time = time.perf_counter()
     device, model_dtype = _model_device_dtype(model, x0)
@@ -295,7 +291,7 @@ def evaluate_digit_samples(
     if samples.shape[0] < 2:
         raise ValueError(f"samples must hold at least 2 images, got {samples.shape[0]}")
     require_finite(samples, "samples")
-    _check_int("seed", seed, 0)
+    check_int("seed", seed, 0)
     image_size = samples.shape[-1]
     train_images, train_labels = load_digits("train", image_size=image_size)
     heldout_images, heldout_labels = load_digits("test", image_size=image_size)
@@ -433,7 +429,7 @@ def evaluate_toy_samples(samples: torch.Tensor, name: str, *, seed: int = 0,
     if not isinstance(samples, torch.Tensor) or samples.ndim != 2 or samples.shape[1] != 2 or samples.shape[0] < 2:
         got = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
         raise ValueError(f"samples must be 2-D points [N, 2] with N >= 2, got {got}")
-    _check_int("seed", seed, 0)
+    check_int("seed", seed, 0)
     n = samples.shape[0]
     reference_points = toy2d(name, n, seed=_TOY_REFERENCE_SEED + 2 * seed)
     other_points = toy2d(name, n, seed=_TOY_REFERENCE_SEED + 2 * seed + 1)

@@ -31,7 +31,7 @@ from . import ops, reference
 from .samplers import DEFAULT_SAMPLER, default_steps
 from .samplers import SAMPLERS as _REGISTRY
 from .acceleration import ModelOptions, prepare_model
-from .checks import SAMPLE_INDEX_LIMIT, SEED_LIMIT, check_seed
+from .checks import SAMPLE_INDEX_LIMIT, SEED_LIMIT, check_seed, is_int
 from .devices import resolve_device
 from .outputs import NonFiniteError
 from .schedule import as_schedule
@@ -171,20 +171,9 @@ def _check_shape(shape) -> Tuple[int, ...]:
         raise TypeError(f"shape must be a tuple of ints (B, C, ...), got {type(shape).__name__}")
     if len(shape) < 2:
         raise ValueError(f"shape must have at least two dimensions (B, C, ...), got {tuple(shape)}")
-    if not all(_is_int(size) and size >= 1 for size in shape):
+    if not all(is_int(size) and size >= 1 for size in shape):
         raise ValueError(f"shape must hold positive ints, got {tuple(shape)}")
     return tuple(operator.index(size) for size in shape)
-
-
-def _is_int(value) -> bool:
-    """An int-like value (int, numpy integer, ...) that is not a bool."""
-    if isinstance(value, (bool, torch.Tensor)):
-        return False
-    try:
-        operator.index(value)
-    except TypeError:
-        return False
-    return True
 
 
 def _first_parameter(model) -> Optional[torch.Tensor]:
@@ -234,7 +223,7 @@ def _check_seed(seed, generator) -> Optional[int]:
 def _check_num_steps(num_steps, total: int) -> Optional[int]:
     if num_steps is None:
         return None
-    if not _is_int(num_steps):
+    if not is_int(num_steps):
         raise TypeError(f"num_steps must be an int, got {type(num_steps).__name__}")
     num_steps = operator.index(num_steps)
     if not 1 <= num_steps <= total:
@@ -264,7 +253,7 @@ class _Plan:
         spec = StepSpec.build(sampler_entry.rule_name, prediction_type=prediction_type, variance_type=variance_type,
                               clip_denoised=bool(clip_denoised), clip_range=clip_range, eta=eta)
         seed = _check_seed(seed, generator)
-        if not (_is_int(first_index) and 0 <= first_index and first_index + shape[0] <= SAMPLE_INDEX_LIMIT):
+        if not (is_int(first_index) and 0 <= first_index and first_index + shape[0] <= SAMPLE_INDEX_LIMIT):
             raise ValueError(f"first_index must be an int with first_index + batch <= 2**32, got {first_index!r}")
         if first_index and generator is not None:
             raise ValueError("first_index indexes the seed's noise stream; it does not apply to a generator")

@@ -63,10 +63,9 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 import numbers
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -88,7 +87,7 @@ except ImportError as error:
                       ) from error
 
 from . import ops
-from .checks import SEED_LIMIT
+from .checks import SEED_LIMIT, check_bool, check_choice, check_int, check_positive, check_real
 from .schedule import NoiseSchedule
 from .step import StepSpec
 
@@ -112,31 +111,8 @@ HOST_DEVICE_TYPES = ("cpu",)
 # ---------------------------------------------------------------------------------------------
 # argument checks (each names the argument)
 # ---------------------------------------------------------------------------------------------
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
-def _check_real(name: str, value) -> None:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-
-
 def _check_positive(name: str, value, maximum: Optional[float] = None) -> None:
-    _check_real(name, value)
-    if value <= 0 or (maximum is not None and value > maximum):
-        bound = f" and <= {maximum}" if maximum is not None else ""
-        raise ValueError(f"{name} must be > 0{bound}, got {value!r}")
-
-
-def _check_bool(name: str, value) -> None:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-
-
-def _check_choice(name: str, value, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    check_positive(name, value, maximum=maximum)
 
 
 def _check_tensors(**named) -> None:
@@ -216,20 +192,20 @@ class _FusedSteps:
     def _check_arguments(self, arguments: dict, problems: List[str]) -> None:
         """Settings diffusers accepts and then fails on, or silently treats as something else,
         later: each noted in ``problems`` (warned about; the parent's step runs)."""
-        _noted(problems, _check_int, "num_train_timesteps", arguments["num_train_timesteps"], 1)
+        _noted(problems, check_int, "num_train_timesteps", arguments["num_train_timesteps"], 1)
         if arguments["trained_betas"] is None:
-            _noted(problems, _check_real, "beta_start", arguments["beta_start"])
-            _noted(problems, _check_real, "beta_end", arguments["beta_end"])
-        _noted(problems, _check_choice, "prediction_type", arguments["prediction_type"], self._prediction_types)
-        _noted(problems, _check_choice, "timestep_spacing", arguments["timestep_spacing"], TIMESTEP_SPACINGS)
+            _noted(problems, check_real, "beta_start", arguments["beta_start"])
+            _noted(problems, check_real, "beta_end", arguments["beta_end"])
+        _noted(problems, check_choice, "prediction_type", arguments["prediction_type"], self._prediction_types)
+        _noted(problems, check_choice, "timestep_spacing", arguments["timestep_spacing"], TIMESTEP_SPACINGS)
         for name in ("clip_sample", "thresholding", "rescale_betas_zero_snr"):
             if name in arguments:  # DPMSolverMultistepScheduler has no clip_sample
-                _noted(problems, _check_bool, name, arguments[name])
+                _noted(problems, check_bool, name, arguments[name])
         if "clip_sample_range" in arguments:
             _noted(problems, _check_positive, "clip_sample_range", arguments["clip_sample_range"])
         _noted(problems, _check_positive, "dynamic_thresholding_ratio", arguments["dynamic_thresholding_ratio"], 1.0)
         _noted(problems, _check_positive, "sample_max_value", arguments["sample_max_value"])
-        _noted(problems, _check_int, "steps_offset", arguments["steps_offset"], 0)
+        _noted(problems, check_int, "steps_offset", arguments["steps_offset"], 0)
 
     def _check_betas(self, arguments: dict, problems: List[str]) -> None:
         if any(problem.startswith(("beta_start", "beta_end")) for problem in problems):
@@ -421,7 +397,7 @@ class DDPMScheduler(_FusedSteps, diffusers.DDPMScheduler):
 
     def _check_arguments(self, arguments: dict, problems: List[str]) -> None:
         super()._check_arguments(arguments, problems)
-        _noted(problems, _check_choice, "variance_type", arguments["variance_type"], DDPM_VARIANCE_TYPES)
+        _noted(problems, check_choice, "variance_type", arguments["variance_type"], DDPM_VARIANCE_TYPES)
 
     def _prepare(self) -> None:
         super()._prepare()
@@ -526,7 +502,7 @@ class DDIMScheduler(_FusedSteps, diffusers.DDIMScheduler):
 
     def _check_arguments(self, arguments: dict, problems: List[str]) -> None:
         super()._check_arguments(arguments, problems)
-        _noted(problems, _check_bool, "set_alpha_to_one", arguments["set_alpha_to_one"])
+        _noted(problems, check_bool, "set_alpha_to_one", arguments["set_alpha_to_one"])
 
     def _prepare(self) -> None:
         super()._prepare()

@@ -8,11 +8,9 @@ command line. A spec is validated when it is built, so nothing downstream checks
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from typing import Optional, Sequence, Tuple
 
-from .checks import check_choice
+from .checks import check_choice, is_real
 
 __all__ = ["PREDICTION_TYPES", "VARIANCE_TYPES", "LEARNED_VARIANCE_TYPES", "STEP_RULES", "StepRule", "StepSpec",
            "check_choice"]
@@ -53,10 +51,6 @@ STEP_RULES = {
 }
 
 
-def _real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
     """One reverse step: sampler, prediction type, variance type, clipping of x_0 and DDIM's eta.
@@ -77,10 +71,10 @@ class StepSpec:
         check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         check_choice("variance_type", self.variance_type, VARIANCE_TYPES)
         if self.clip_range is not None:
-            if not (_real(self.clip_range) and self.clip_range > 0):
+            if not (is_real(self.clip_range) and self.clip_range > 0):
                 raise ValueError(f"clip_range must be a number > 0 (or None: no clipping), got {self.clip_range!r}")
             object.__setattr__(self, "clip_range", float(self.clip_range))
-        if not (_real(self.eta) and self.eta >= 0):
+        if not (is_real(self.eta) and self.eta >= 0):
             raise ValueError(f"eta must be a finite float >= 0, got {self.eta!r}")
         if not self.rule.takes_eta and self.eta != 0:
             takers = [name for name, rule in STEP_RULES.items() if rule.takes_eta]

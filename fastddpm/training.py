@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import distributed, ops
-from .checks import check_seed
+from .checks import check_int, check_positive, check_seed
 from .checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from .data import Dataset, load_dataset
 from .devices import resolve_device
@@ -176,16 +176,11 @@ class _DataOrder:
 
 
 def _positive_int(name: str, value, allow_zero: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
-        raise ValueError(f"{name} must be {'a non-negative' if allow_zero else 'a positive'} int, got {value!r}")
-    return value
+    return check_int(name, value, 0 if allow_zero else 1)
 
 
 def _positive_float(name: str, value, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
-    return float(value)
+    return check_positive(name, value, allow_zero=allow_zero)
 
 
 def _amp_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
