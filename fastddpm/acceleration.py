@@ -224,6 +224,10 @@ def prepare_model(model, options: ModelOptions, device: Optional[torch.device] =
     options ask for nothing, else a cached :class:`PreparedModel` (weights refreshed if changed)."""
     if options.is_plain:
         return model
+    if isinstance(model, nn.Module) and not options.channels_last and options.compile is None:
+        own = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        if own is not None and own == options.dtype:
+            return model  # already in that precision: nothing to copy
     key = (options, None if device is None else str(device))
     try:
         entries = _PREPARED.setdefault(model, {})

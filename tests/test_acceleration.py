@@ -93,6 +93,11 @@ def test_prepared_copy_is_cached_and_follows_in_place_weight_changes():
     assert not torch.equal(before, after)
 
 
+def test_the_models_own_precision_makes_no_copy(digits):
+    assert prepare_model(digits.model, ModelOptions.build("fp32"), torch.device("cpu")) is digits.model
+    assert prepare_model(digits.model, ModelOptions.build("bf16"), torch.device("cpu")) is not digits.model
+
+
 def test_prepared_models_do_not_keep_the_model_alive():
     model = fastddpm.create_model("digits", ch=16).eval()
     fastddpm.sample(model, (2, 1, 8, 8), sampler="ddim", num_steps=2, seed=0, progress=False, model_dtype="bf16")
