@@ -641,7 +641,9 @@ class DPMSolverMultistepScheduler(_FusedSteps, diffusers.DPMSolverMultistepSched
 
     The fused path takes ``algorithm_type="dpmsolver++"``, ``solver_order=2``,
     ``solver_type="midpoint"``, ``final_sigmas_type="zero"`` (whatever ``lower_order_final`` and
-    ``euler_at_final``: with "zero" diffusers' last step is first order anyway), the plain VP sigmas
+    ``euler_at_final``: with "zero" diffusers' last step is first order anyway) or ``"sigma_min"``
+    where diffusers' last step is first order too (``euler_at_final``, or ``lower_order_final`` below
+    15 steps), the plain VP sigmas
     of the trained alpha_bar or ``use_karras_sigmas`` / ``use_exponential_sigmas`` /
     ``use_beta_sigmas`` (a chain built from diffusers' own sigmas; not ``use_lu_lambdas`` or
     ``use_flow_sigmas``), any ``timestep_spacing``,
@@ -674,12 +676,20 @@ class DPMSolverMultistepScheduler(_FusedSteps, diffusers.DPMSolverMultistepSched
     def _fused_settings(self) -> bool:
         config = self.config
         return (self._trained is not None and config.algorithm_type == "dpmsolver++" and config.solver_order == 2
-                and config.solver_type == "midpoint" and config.final_sigmas_type == "zero"
+                and config.solver_type == "midpoint" and config.final_sigmas_type in ("zero", "sigma_min")
                 and not config.thresholding and config.prediction_type in PREDICTION_TYPES
                 and not any(getattr(config, name, False) for name in DPM_SIGMA_SCHEDULES
                             if name not in DPM_FUSED_SIGMA_SCHEDULES))
 
-    def _sigma_chain(self) -> Optional[NoiseSchedule]:
+    def _last_step_first_order(self, num_steps: int) -> bool:
+        """Whether diffusers' last step is first order (the fused chain's is): always when it lands
+        on sigma 0; with ``final_sigmas_type="sigma_min"`` under ``euler_at_final``, or
+        ``lower_order_final`` below 15 steps (diffusers' rule)."""
+        config = self.config
+        return (config.final_sigmas_type == "zero" or config.euler_at_final
+                or (config.lower_order_final and num_steps < 15))
+
+    def _sigma_chain(self, final_alpha_cumprod: float = 1.0) -> Optional[NoiseSchedule]:
         """The chain of diffusers' own sigmas (Karras, exponential, beta): index i is the i-th lowest
         noise level, alpha_bar = 1 / (1 + sigma^2) as diffusers' ``_sigma_to_alpha_sigma_t`` gives;
         the last step lands on sigma 0 (x_0). None where the levels do not strictly decrease."""
@@ -689,7 +699,8 @@ class DPMSolverMultistepScheduler(_FusedSteps, diffusers.DPMSolverMultistepSched
         try:
             # the model's timestep at each level: diffusers' own (interpolated from the sigmas), ascending
             return NoiseSchedule.from_alphas_cumprod(alpha_bar, coefficient_dtype=torch.float32,
-                                                     timesteps=torch.tensor(self._host_timesteps[::-1]))
+                                                     timesteps=torch.tensor(self._host_timesteps[::-1]),
+                                                     final_alpha_cumprod=final_alpha_cumprod)
         except ValueError:
             return None
 
@@ -704,9 +715,13 @@ class DPMSolverMultistepScheduler(_FusedSteps, diffusers.DPMSolverMultistepSched
         self._chain = None
         ascending = sorted(values)
         sigma_chain = any(getattr(self.config, name, False) for name in DPM_FUSED_SIGMA_SCHEDULES)
-        if self._fused_settings() and (sigma_chain or all(a < b for a, b in zip(ascending, ascending[1:]))):
-            # index i of the chain is diffusers' step len - 1 - i; its last step lands on x_0 (alpha_bar 1)
-            self._chain = self._sigma_chain() if sigma_chain else self._trained.respace(ascending)
+        if self._fused_settings() and self._last_step_first_order(len(values)) \
+                and (sigma_chain or all(a < b for a, b in zip(ascending, ascending[1:]))):
+            # index i of the chain is diffusers' step len - 1 - i; its last step lands on diffusers' last
+            # sigma (0: x_0; sigma_min: alpha_bar = 1 / (1 + sigma_min^2))
+            final = 1.0 / (1.0 + float(self.sigmas[-1]) ** 2)
+            self._chain = (self._sigma_chain(final) if sigma_chain
+                           else self._trained.respace(ascending, final_alpha_cumprod=final))
         if self._chain is not None:
             self._spec = StepSpec("dpmpp_2m", self.config.prediction_type, "fixed_small", None)
             if self.timesteps.device.type not in HOST_DEVICE_TYPES:

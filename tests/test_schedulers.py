@@ -1034,11 +1034,14 @@ FUSED_DPM = [dict(prediction_type="sample", timestep_spacing="trailing"),
              # another chain of noise levels, the same fused step (issue 23)
              dict(use_karras_sigmas=True), dict(use_exponential_sigmas=True), dict(use_beta_sigmas=True),
              dict(use_karras_sigmas=True, prediction_type="v_prediction", beta_schedule="scaled_linear",
-                  timestep_spacing="trailing")]
+                  timestep_spacing="trailing"),
+             # the last step lands on sigma_min, first order as diffusers' below 15 steps
+             dict(final_sigmas_type="sigma_min"), dict(final_sigmas_type="sigma_min", use_karras_sigmas=True)]
 PARENT_DPM = [dict(use_lu_lambdas=True),
               dict(algorithm_type="sde-dpmsolver++"), dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"),
               dict(solver_order=3),
-              dict(solver_order=1), dict(solver_type="heun"), dict(final_sigmas_type="sigma_min"),
+              dict(solver_order=1), dict(solver_type="heun"),
+              dict(final_sigmas_type="sigma_min", lower_order_final=False),  # a second-order last step
               dict(thresholding=True),
               # diffusers raises the last alpha_bar to 2**-24, above the one before: no table for the op
               dict(rescale_betas_zero_snr=True, prediction_type="v_prediction")]
@@ -1131,3 +1134,15 @@ def test_a_pipeline_diffusers_saved_with_such_a_setting_loads_runs_and_saves_thr
         ours.save_pretrained(tmp_path / "again")
     assert json.loads((tmp_path / "again" / "model_index.json").read_text())["scheduler"] == [
         "fastddpm.schedulers", "DDPMScheduler"]
+
+
+def test_dpm_sigma_min_from_15_steps_runs_the_parents_step(dpm_calls):
+    # diffusers' last step onto sigma_min is second order from 15 steps on (lower_order_final's
+    # rule): the fused chain's is first order, so the whole loop is the parent's there.
+    model = LinearModel(7)
+    config = dict(final_sigmas_type="sigma_min")
+    ours, _ = dpm_loop(fastddpm.DPMSolverMultistepScheduler(**config), model, 20)
+    theirs, _ = dpm_loop(diffusers.DPMSolverMultistepScheduler(**config), model, 20)
+    assert len(dpm_calls) == 0 and torch.equal(ours, theirs)
+    ours, _ = dpm_loop(fastddpm.DPMSolverMultistepScheduler(**config), model, 14)
+    assert len(dpm_calls) == 14  # below 15 steps: fused
