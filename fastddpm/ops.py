@@ -19,7 +19,7 @@ import torch
 from . import reference
 from .checks import SEED_LIMIT
 from .schedule import NoiseSchedule
-from .step import StepSpec
+from .step import StepRule, StepSpec, register_rule
 
 __all__ = ["BACKENDS", "KERNEL_DTYPES", "q_sample", "step", "ddpm_step", "ddim_step", "dpmpp_2m_step",
            "timestep_embedding",
@@ -303,6 +303,14 @@ def q_sample(
     if return_noise:
         return x_t, noise.to(x0.dtype) if noise is not None else noise_out
     return x_t
+
+
+# The update rules of the step ops below (fastddpm.step.STEP_RULES: what each is, as every path needs
+# to know it). DDPM: the posterior, noise at every index but the last, a learned variance read from
+# the model; DDIM: Song et al.'s update, noise scale eta; DPM-Solver++(2M): deterministic.
+register_rule("ddpm", StepRule(always_noisy=True, noise_at_last_index=False, reads_model_variance=True))
+register_rule("ddim", StepRule(takes_eta=True))
+register_rule("dpmpp_2m", StepRule())
 
 
 def _check_step_args(spec, model_output, t, x_t, schedule):

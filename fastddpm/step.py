@@ -8,12 +8,12 @@ command line. A spec is validated when it is built, so nothing downstream checks
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 from .checks import check_choice, is_real
 
 __all__ = ["PREDICTION_TYPES", "VARIANCE_TYPES", "LEARNED_VARIANCE_TYPES", "STEP_RULES", "StepRule", "StepSpec",
-           "check_choice"]
+           "check_choice", "register_rule"]
 
 # What the model predicts: the noise eps (Ho et al.), x_0 itself, or v = sqrt(ab) eps - sqrt(1 - ab) x_0
 # (Salimans & Ho).
@@ -42,13 +42,18 @@ class StepRule:
     reads_model_variance: bool = False
 
 
-# The update rules the ops implement, by name. The samplers of the registry
-# (fastddpm.samplers.SAMPLERS) each name the rule they step with; this layer does not know them.
-STEP_RULES = {
-    "ddpm": StepRule(always_noisy=True, noise_at_last_index=False, reads_model_variance=True),  # the posterior
-    "ddim": StepRule(takes_eta=True),                                       # Song et al., eta * posterior std
-    "dpmpp_2m": StepRule(),                                                 # DPM-Solver++(2M), deterministic
-}
+# The update rules the ops implement, by name: each registered by fastddpm.ops beside its op
+# (register_rule), so that a new rule is declared where its op is. The samplers of the registry
+# (fastddpm.samplers.SAMPLERS) each name the rule they step with; this layer knows neither.
+STEP_RULES: Dict[str, StepRule] = {}
+
+
+def register_rule(name: str, rule: StepRule) -> StepRule:
+    """Declare the update rule ``name`` (an op's), once."""
+    if name in STEP_RULES and STEP_RULES[name] != rule:
+        raise ValueError(f"step rule {name!r} is already registered as {STEP_RULES[name]}")
+    STEP_RULES[name] = rule
+    return rule
 
 
 @dataclasses.dataclass(frozen=True)
