@@ -132,13 +132,11 @@ def _time_calls(run: Callable[[], object], plan: ThroughputPlan) -> Dict:
 def _fastddpm_runner(unet, shape, setting: Setting, plan: ThroughputPlan):
     from fastddpm.sampling import sample
 
-    options = setting.options()
-    compile_arg = dict(options.compile) if options.compile is not None else False
+    options = setting.options().sample_kwargs()
 
     def run():
         return sample(unet, shape, sampler=SAMPLER, num_steps=plan.steps, seed=workloads.SEED, device=plan.device,
-                      progress=False, model_dtype=options.dtype, channels_last=options.channels_last,
-                      compile=compile_arg)
+                      progress=False, **options)
 
     return run
 

@@ -107,6 +107,19 @@ class ModelOptions:
         """Nothing to do: the model runs as the caller gave it."""
         return self.dtype is None and not self.channels_last and self.compile is None
 
+    def compile_kwargs(self) -> Optional[dict]:
+        """The ``torch.compile`` keyword arguments (None: not compiled)."""
+        if self.compile is None:
+            return None
+        settings = dict(self.compile)
+        if isinstance(settings.get("options"), tuple):
+            settings["options"] = dict(settings["options"])
+        return settings
+
+    def sample_kwargs(self) -> dict:
+        """These options as :func:`fastddpm.sample`'s keyword arguments (what ``build`` takes back)."""
+        return dict(model_dtype=self.dtype, channels_last=self.channels_last, compile=self.compile_kwargs() or False)
+
     def compile_mode(self) -> Optional[str]:
         return dict(self.compile or ()).get("mode")
 
@@ -190,10 +203,7 @@ class PreparedModel:
         self.module = wrapped
         self.forward: Callable = wrapped
         if options.compile is not None:
-            settings = dict(options.compile)
-            if isinstance(settings.get("options"), tuple):
-                settings["options"] = dict(settings["options"])
-            self.forward = torch.compile(wrapped, **settings)
+            self.forward = torch.compile(wrapped, **options.compile_kwargs())
 
     def _source_versions(self):
         return [source._version for source, _ in self._pairs]

@@ -182,9 +182,9 @@ class AcceleratedPipeline:
         shape = (arguments["batch_size"], config.in_channels, *((size, size) if isinstance(size, int) else size))
         device = pipe._execution_device
         scheduler.set_timesteps(arguments["num_inference_steps"])
-        chain = self._chain(scheduler)
+        chain, why_not = self._chain(scheduler)
         if chain is None:
-            return self._fall_back(self._chain_reason, arguments)
+            return self._fall_back(why_not, arguments)
         # x_T exactly as the pipeline draws it (the generator's device, then moved; the UNet's dtype).
         x_t = randn_tensor(shape, generator=generator, device=device, dtype=unet.dtype)
         sched = scheduler.config
@@ -197,10 +197,8 @@ class AcceleratedPipeline:
         noise = dict(generator=generator) if generator is not None else {}
         progress = not dict(getattr(pipe, "_progress_bar_config", {}) or {}).get("disable", False)
         # num_steps: every level of the drop-in's chain (no respacing by sample()'s default steps).
-        image = sample(unet, shape, schedule=chain, num_steps=chain.num_timesteps, sampler=self.sampler, noise=x_t, device=device, dtype=unet.dtype,
-                       progress=progress, cuda_graph=self.cuda_graph, model_dtype=self.options.dtype,
-                       channels_last=self.options.channels_last,
-                       compile=dict(self.options.compile) if self.options.compile is not None else False,
+        image = sample(unet, shape, schedule=chain, num_steps=chain.num_timesteps, sampler=self.sampler, noise=x_t,
+                       device=device, dtype=unet.dtype, progress=progress, cuda_graph=self.cuda_graph, **self.options.sample_kwargs(),
                        **settings, **noise)
         if generator is not None and self.sampler == "ddpm" and scheduler._chain_start > 0:
             # diffusers also draws the last step's noise from a timestep above 0 (of standard deviation
@@ -210,28 +208,26 @@ class AcceleratedPipeline:
         return self._finish(image, arguments, ImagePipelineOutput)
 
     def _chain(self, scheduler):
-        """The schedule the drop-in would step on after ``set_timesteps``, or None (and a reason)."""
+        """``(schedule, None)``: the chain the drop-in would step on after ``set_timesteps``; or
+        ``(None, why)`` where fastddpm.sample cannot walk it."""
         from .schedulers import NEGLIGIBLE_LAST_STEP_NOISE
 
-        self._chain_reason = None
         if self.sampler == "ddpm":
             if scheduler._chain_start > 0 and scheduler.variance_type not in NEGLIGIBLE_LAST_STEP_NOISE:
-                self._chain_reason = (f"a chain ending at timestep {scheduler._chain_start} > 0 with variance_type="
-                                      f"{scheduler.variance_type!r} (diffusers' own last step)")
-                return None
-            return scheduler._chain
+                return None, (f"a chain ending at timestep {scheduler._chain_start} > 0 with variance_type="
+                              f"{scheduler.variance_type!r} (diffusers' own last step)")
+            return scheduler._chain, None
         if self.sampler == "ddim":
             # fastddpm.sample walks every level of the chain: each step must land on the next
             # timestep (diffusers' DDIM lands on t - T // n, which "trailing" spacing and some step
             # counts put between two timesteps).
             if not scheduler._all_shared or scheduler._shared.num_timesteps != len(scheduler._host_timesteps):
-                self._chain_reason = ("DDIM steps that land between two of its timesteps (t - T // n is not the next "
-                                      "timestep; e.g. 'trailing' spacing)")
-                return None
-            return scheduler._shared
+                return None, ("DDIM steps that land between two of its timesteps (t - T // n is not the next "
+                              "timestep; e.g. 'trailing' spacing)")
+            return scheduler._shared, None
         if scheduler._chain is None:
-            self._chain_reason = "timesteps that repeat (not fused)"
-        return scheduler._chain
+            return None, "timesteps that repeat (not fused)"
+        return scheduler._chain, None
 
     def _finish(self, image: torch.Tensor, arguments: dict, output_class):
         """The pipeline's own post-processing: [0, 1], then numpy / PIL, hooks freed."""

@@ -208,8 +208,7 @@ def _run(args) -> int:
                 pretrained.model, (args.num_samples,) + tuple(pretrained.sample_shape), schedule=pretrained.schedule,
                 num_steps=steps, sampler=args.sampler, eta=args.eta, prediction_type=pretrained.prediction_type,
                 variance_type=pretrained.variance_type, clip_denoised=clip_denoised, clip_range=clip_range,
-                seed=seed, device=device, progress=args.progress, model_dtype=options.dtype,
-                channels_last=options.channels_last, compile=dict(options.compile) if options.compile else False)
+                seed=seed, device=device, progress=args.progress, **options.sample_kwargs())
             if data == _DIGITS:
                 per_seed.append(evaluate_digit_samples(samples, seed=seed, classifier=classifier))
             else:

@@ -244,8 +244,7 @@ def _draw(loaded, args, steps: int, device: torch.device, first: int, count: int
                 variance_type=loaded.variance_type, clip_denoised=loaded.clip_denoised,
                 clip_range=loaded.clip_range, seed=args.seed, first_index=start, device=device, progress=progress,
                 cuda_graph={"auto": "auto", "on": True, "off": False}[args.cuda_graph],
-                model_dtype=args.model_options.dtype, channels_last=args.model_options.channels_last,
-                compile=dict(args.model_options.compile) if args.model_options.compile is not None else False,
+                **args.model_options.sample_kwargs(),
             )
         except ValueError as error:  # e.g. the model's output does not fit the sample shape
             raise CommandError(f"sampling failed: {error}") from error
