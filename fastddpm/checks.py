@@ -10,7 +10,7 @@ import operator
 from typing import Optional, Sequence
 
 __all__ = ["SEED_LIMIT", "SAMPLE_INDEX_LIMIT", "is_int", "is_real", "check_int", "check_real", "check_positive",
-           "check_bool", "check_seed", "check_choice"]
+           "check_bool", "check_seed", "draw_seed", "check_choice"]
 
 # Seeds key the 64-bit Philox stream: [0, 2**63), so that they also fit an int64 device tensor.
 SEED_LIMIT = 2**63
@@ -38,6 +38,13 @@ def check_seed(value, name: str = "seed") -> int:
     if not (is_int(value) and 0 <= value < SEED_LIMIT):
         raise ValueError(f"{name} must be an int in [0, 2**63), got {value!r}")
     return operator.index(value)
+
+
+def draw_seed() -> int:
+    """A seed from torch's global RNG (so ``torch.manual_seed`` reproduces it), in [0, SEED_LIMIT - 1)."""
+    import torch
+
+    return int(torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64))
 
 
 def check_choice(name: str, value, choices: Sequence[str]) -> str:

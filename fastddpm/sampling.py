@@ -31,7 +31,7 @@ from . import ops, reference
 from .samplers import DEFAULT_SAMPLER, default_steps
 from .samplers import SAMPLERS as _REGISTRY
 from .acceleration import ModelOptions, prepare_model
-from .checks import SAMPLE_INDEX_LIMIT, SEED_LIMIT, check_seed, is_int
+from .checks import SAMPLE_INDEX_LIMIT, check_seed, draw_seed, is_int
 from .devices import resolve_device
 from .outputs import NonFiniteError
 from .schedule import as_schedule
@@ -272,7 +272,7 @@ class _Plan:
         trained = as_schedule(schedule)
         num_steps = _check_num_steps(num_steps, trained.num_timesteps)
         if num_steps is None:
-            num_steps = default_steps(spec.sampler, trained.num_timesteps)
+            num_steps = default_steps(sampler, trained.num_timesteps)
         schedule = sampler_entry.schedule(trained, num_steps)
         schedule.check_prediction_type(spec.prediction_type)
         device = _resolve_device(device, model, noise)
@@ -288,7 +288,7 @@ class _Plan:
                              f"has {math.prod(shape[1:])}; pass a generator")
         if seed is None and generator is None:
             # From torch's global RNG, so that torch.manual_seed makes the call reproducible.
-            seed = int(torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64))
+            seed = draw_seed()
 
         plan = cls()
         plan.model, plan.shape, plan.schedule, plan.spec, plan.sampler = model, shape, schedule, spec, sampler_entry

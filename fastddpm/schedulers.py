@@ -87,7 +87,7 @@ except ImportError as error:
                       ) from error
 
 from . import ops
-from .checks import SEED_LIMIT, check_bool, check_choice, check_int, check_positive, check_real
+from .checks import check_bool, draw_seed, check_choice, check_int, check_positive, check_real
 from .schedule import NoiseSchedule
 from .step import StepSpec
 
@@ -351,7 +351,7 @@ class _FusedSteps:
         The seed is drawn from torch's global RNG (on the CPU) once per set_timesteps, so the same
         ``torch.manual_seed`` gives the same noise on every device."""
         if self._noise_seed is None:
-            self._noise_seed = int(torch.randint(0, SEED_LIMIT - 1, (1,)).item())  # sample()'s range
+            self._noise_seed = draw_seed()  # as sample() draws one
         stream = self._noise_streams.get(device)
         if stream is None:
             seed = _to_device(torch.tensor(self._noise_seed, dtype=torch.int64), device)
