@@ -229,15 +229,20 @@ class PreparedModel:
 _PREPARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def model_dtype(model) -> Optional[torch.dtype]:
+    """The dtype of an ``nn.Module``'s first floating parameter (None: no module, or none)."""
+    if not isinstance(model, nn.Module):
+        return None
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
 def prepare_model(model, options: ModelOptions, device: Optional[torch.device] = None):
     """``model`` as the sampling loop should call it under ``options``: the model itself when the
     options ask for nothing, else a cached :class:`PreparedModel` (weights refreshed if changed)."""
     if options.is_plain:
         return model
-    if isinstance(model, nn.Module) and not options.channels_last and options.compile is None:
-        own = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-        if own is not None and own == options.dtype:
-            return model  # already in that precision: nothing to copy
+    if not options.channels_last and options.compile is None and model_dtype(model) == options.dtype:
+        return model  # already in that precision: nothing to copy
     key = (options, None if device is None else str(device))
     try:
         entries = _PREPARED.setdefault(model, {})

@@ -64,13 +64,9 @@ def model_options_of(args):
 
 def model_dtype_name(options, model) -> str:
     """The model's precision under ``options`` as the command line names it (fp32, bf16, fp16)."""
-    from fastddpm.acceleration import MODEL_DTYPES
+    from fastddpm.acceleration import MODEL_DTYPES, model_dtype
 
-    dtype = options.dtype
-    if dtype is None:
-        parameter = next((p for p in model.parameters() if p.is_floating_point()), None) \
-            if isinstance(model, torch.nn.Module) else None
-        dtype = parameter.dtype if parameter is not None else torch.float32
+    dtype = options.dtype or model_dtype(model) or torch.float32
     return next((name for name, value in MODEL_DTYPES.items() if value == dtype), str(dtype).replace("torch.", ""))
 
 
