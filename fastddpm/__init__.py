@@ -67,7 +67,11 @@ def _register_lazily(name: str) -> None:
         sys.modules[full_name] = _Pending(full_name)
 
 
-_register_lazily("schedulers")
+# Submodules registered so (diffusers looks for them in sys.modules).
+_PENDING = ("schedulers",)
+for _name in _PENDING:
+    _register_lazily(_name)
+del _name
 
 __all__ = ["NoiseSchedule", "make_betas", "q_sample", "ddpm_step", "ddim_step", "timestep_embedding", *_LAZY]
 
@@ -77,13 +81,18 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY))
 
 
+def _submodule(name: str):
+    """``fastddpm.<name>``, imported: the real module, never a sys.modules stand-in."""
+    pending = sys.modules.get(f"{__name__}.{name}")
+    return pending._real() if isinstance(pending, _Pending) else importlib.import_module(f".{name}", __name__)
+
+
 def __getattr__(name):
-    if name == "schedulers":  # the real module, never the sys.modules stand-in (_register_lazily)
-        pending = sys.modules.get(f"{__name__}.schedulers")
-        return pending._real() if isinstance(pending, _Pending) else importlib.import_module(".schedulers", __name__)
+    if name in _PENDING:
+        return _submodule(name)
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'fastddpm' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    value = getattr(_submodule(module), name)
     globals()[name] = value
     return value
