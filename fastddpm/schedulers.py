@@ -111,10 +111,6 @@ HOST_DEVICE_TYPES = ("cpu",)
 # ---------------------------------------------------------------------------------------------
 # argument checks (each names the argument)
 # ---------------------------------------------------------------------------------------------
-def _check_positive(name: str, value, maximum: Optional[float] = None) -> None:
-    check_positive(name, value, maximum=maximum)
-
-
 def _check_tensors(**named) -> None:
     for name, value in named.items():
         if not isinstance(value, torch.Tensor):
@@ -170,10 +166,10 @@ def _init_of(parent):
     return __init__
 
 
-def _noted(problems: List[str], check, *args) -> None:
+def _noted(problems: List[str], check, *args, **kwargs) -> None:
     """Run one argument check; a failure is noted in ``problems`` (a warning), not raised."""
     try:
-        check(*args)
+        check(*args, **kwargs)
     except (ValueError, TypeError) as error:
         problems.append(str(error))
 
@@ -202,9 +198,10 @@ class _FusedSteps:
             if name in arguments:  # DPMSolverMultistepScheduler has no clip_sample
                 _noted(problems, check_bool, name, arguments[name])
         if "clip_sample_range" in arguments:
-            _noted(problems, _check_positive, "clip_sample_range", arguments["clip_sample_range"])
-        _noted(problems, _check_positive, "dynamic_thresholding_ratio", arguments["dynamic_thresholding_ratio"], 1.0)
-        _noted(problems, _check_positive, "sample_max_value", arguments["sample_max_value"])
+            _noted(problems, check_positive, "clip_sample_range", arguments["clip_sample_range"])
+        _noted(problems, check_positive, "dynamic_thresholding_ratio", arguments["dynamic_thresholding_ratio"],
+               maximum=1.0)
+        _noted(problems, check_positive, "sample_max_value", arguments["sample_max_value"])
         _noted(problems, check_int, "steps_offset", arguments["steps_offset"], 0)
 
     def _check_betas(self, arguments: dict, problems: List[str]) -> None:
