@@ -23,10 +23,9 @@ def _check_args(args) -> torch.device:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch}")
     if args.size < 1:
         raise ValueError(f"--size must be >= 1, got {args.size}")
-    from fastddpm.checks import SEED_LIMIT
+    from fastddpm.checks import check_seed
 
-    if not 0 <= args.seed < SEED_LIMIT:
-        raise ValueError(f"--seed must lie in [0, 2**63), got {args.seed}")
+    check_seed(args.seed, "--seed")
     return resolve_device(args.device, argument="--device")
 
 

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import torch
 
 from ..acceleration import CPU_DEFAULT_BATCH_SIZE
-from ..checks import SAMPLE_INDEX_LIMIT, SEED_LIMIT
+from ..checks import SAMPLE_INDEX_LIMIT, check_seed
 from ..samplers import DEFAULT_SAMPLER, SAMPLERS, default_steps, takes_eta_samplers
 from ..samplers import describe as describe_samplers
 from .common import (CommandError, add_device_argument, add_model_arguments, model_dtype_name, model_options_of,
@@ -127,8 +127,10 @@ def _check_args(args) -> None:
         raise CommandError(f"--eta must be >= 0, got {args.eta}")
     if args.eta != 0 and not SAMPLERS[args.sampler].rule.takes_eta:
         raise CommandError(f"--eta applies to --sampler {' or '.join(takes_eta_samplers())} only")
-    if not 0 <= args.seed < SEED_LIMIT:
-        raise CommandError(f"--seed must lie in [0, 2**63), got {args.seed}")
+    try:
+        check_seed(args.seed, "--seed")
+    except ValueError as error:
+        raise CommandError(str(error)) from None
     args.model_options = model_options_of(args)
 
 
