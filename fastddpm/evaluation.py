@@ -239,16 +239,14 @@ def digit_fd_floors(train_features: torch.Tensor, heldout_features: torch.Tensor
 
     n_train = train_features.shape[0]
     with_replacement = torch.randint(n_train, (FLOOR_DRAWS, n), generator=generator)
-    if n <= n_train:
-        draws = [torch.randperm(n_train, generator=generator)[:n] for _ in range(FLOOR_DRAWS)]
-        method = "without replacement"
-    else:
-        draws, method = list(with_replacement), "with replacement (more samples than training digits)"
-
     def mean_fd(index_sets):
         return sum(frechet_distance(train_features[index], heldout_features) for index in index_sets) / FLOOR_DRAWS
 
-    return mean_fd(draws), mean_fd(with_replacement), method
+    replaced = mean_fd(with_replacement)
+    if n > n_train:  # no N distinct digits: the same draws serve both floors
+        return replaced, replaced, "with replacement (more samples than training digits)"
+    distinct = [torch.randperm(n_train, generator=generator)[:n] for _ in range(FLOOR_DRAWS)]
+    return mean_fd(distinct), replaced, "without replacement"
 
 
 def evaluate_digit_samples(
