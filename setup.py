@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.9",
     # kernels/ ships inside the distribution as fastddpm.kernels: a top-level ``kernels``
     # package would clash with an unrelated PyPI project of that name.
-    packages=["fastddpm", "fastddpm.commands", "fastddpm.kernels"],
+    packages=["fastddpm", "fastddpm.commands", "fastddpm.schedulers", "fastddpm.kernels"],
     package_dir={"fastddpm": "fastddpm", "fastddpm.kernels": "kernels"},
     package_data={"fastddpm": ["assets/*"]},
     install_requires=[

@@ -572,7 +572,7 @@ def _sampling_from_diffusers_scheduler_config(config: Dict[str, Any], where: str
     config, as :class:`Pretrained` fields; refuses what fastddpm does not support.
 
     The one place that reads a diffusers scheduler config. The branch that makes
-    ``fastddpm/schedulers.py`` subclasses of diffusers' schedulers will provide the diffusers
+    ``fastddpm/schedulers/`` subclasses of diffusers' schedulers will provide the diffusers
     config -> NoiseSchedule conversion; this function should then call it instead.
     """
     from .schedule import make_betas

@@ -21,7 +21,8 @@ LAYERS = [
     # the runner and what reads or writes runs
     {"sampling", "evaluation", "checkpoint", "shards"},
     # training, the diffusers drop-ins and pipelines
-    {"training", "schedulers", "pipelines"},
+    {"training", "schedulers", "schedulers.common", "schedulers.ddpm", "schedulers.ddim", "schedulers.dpm_solver",
+     "schedulers.unipc", "pipelines"},
     # the command line and the package's front
     {"cli", "__main__", "commands", "commands.common", "commands.sample", "commands.train", "commands.eval",
      "commands.merge", "commands.demo", ""},
@@ -112,3 +113,15 @@ def test_no_function_is_longer_than_120_lines():
                     if length > 120:
                         long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length} lines)")
     assert not long, long
+
+
+def test_setup_ships_every_package():
+    """A package missing from setup.py's list is left out of the wheel: `pip install .` then fails on
+    import, which the editable install of the tests never shows."""
+    tree = ast.parse((ROOT / "setup.py").read_text(encoding="utf-8"))
+    listed = next(ast.literal_eval(keyword.value) for node in ast.walk(tree) if isinstance(node, ast.Call)
+                  for keyword in node.keywords if keyword.arg == "packages")
+    on_disk = {".".join(("fastddpm",) + path.parent.relative_to(ROOT / "fastddpm").parts).rstrip(".")
+               for path in (ROOT / "fastddpm").rglob("__init__.py")}
+    on_disk.add("fastddpm.kernels")
+    assert set(listed) == on_disk

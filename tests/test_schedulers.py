@@ -534,10 +534,16 @@ class CountingOps:
         return op
 
 
+def patch_ops(monkeypatch, counting):
+    """Put ``counting`` in place of fastddpm.ops in every module of the schedulers package."""
+    for module in (schedulers.common, schedulers.ddpm, schedulers.ddim, schedulers.dpm_solver):
+        monkeypatch.setattr(module, "ops", counting)
+
+
 @pytest.fixture
 def counting_ops(monkeypatch):
     counting = CountingOps()
-    monkeypatch.setattr(schedulers, "ops", counting)
+    patch_ops(monkeypatch, counting)
     return counting
 
 
@@ -632,7 +638,7 @@ def count_round_trips(monkeypatch, scheduler, timesteps, *, step_kwargs=None, ge
     the device and draws the seed), and the ops' calls."""
     recorder = HostRoundTrips()
     counting = CountingOps(on_call=recorder.pause)
-    monkeypatch.setattr(schedulers, "ops", counting)
+    patch_ops(monkeypatch, counting)
     model, x = LinearModel(0), torch.randn(SHAPE)
     outputs = [model(x, 0) for _ in timesteps]
     x = scheduler.step(outputs[0], timesteps[0], x, generator=generator, **(step_kwargs or {})).prev_sample
@@ -647,7 +653,7 @@ def count_round_trips(monkeypatch, scheduler, timesteps, *, step_kwargs=None, ge
 
 def device_like(monkeypatch):
     """Treat CPU tensors as a device's: timestep tensors on the CPU are then never read."""
-    monkeypatch.setattr(schedulers, "HOST_DEVICE_TYPES", ())
+    monkeypatch.setattr(schedulers.common, "HOST_DEVICE_TYPES", ())
 
 
 SYNC_FREE_CASES = [
@@ -980,13 +986,13 @@ def dpm_calls(monkeypatch):
     kernel on a GPU host, the interpreter on CPU); the loops put their tensors on KERNEL_DEVICE."""
     monkeypatch.setenv("FASTDDPM_BACKEND", KERNEL_BACKEND)
     calls = []
-    real = schedulers._dpmpp_2m
+    real = schedulers.dpm_solver._dpmpp_2m
 
     def counting(*args, **kwargs):
         calls.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(schedulers, "_dpmpp_2m", counting)
+    monkeypatch.setattr(schedulers.dpm_solver, "_dpmpp_2m", counting)
     return calls
 
 

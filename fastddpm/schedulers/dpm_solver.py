@@ -1,0 +1,193 @@
+"""``fastddpm.DPMSolverMultistepScheduler``: diffusers' ``DPMSolverMultistepScheduler`` stepping
+through :func:`fastddpm.ops.dpmpp_2m_step`."""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+from .. import ops
+from ..schedule import NoiseSchedule
+from ..step import StepSpec
+from .common import LEARNED_VARIANCE_TYPES, PREDICTION_TYPES, _FusedSteps, _fusable_tensors, _check_tensors, _init_of, _off_host, diffusers
+
+# Sigma schedules other than the plain VP one of the trained alpha_bar (the fused step's chain).
+DPM_SIGMA_SCHEDULES = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
+                       "use_flow_sigmas")
+# Of those, the ones the fused step takes: another chain of noise levels, the same step. The chain's
+# table is built from alpha_bar = 1 / (1 + sigma^2) of diffusers' own sigmas (set_timesteps).
+DPM_FUSED_SIGMA_SCHEDULES = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+
+
+def _dpmpp_2m(spec: StepSpec, model_output: torch.Tensor, index: torch.Tensor, x: torch.Tensor,
+              previous_x0: torch.Tensor, chain: NoiseSchedule) -> torch.Tensor:
+    """One fused DPM-Solver++(2M) step from chain index ``index`` (:func:`fastddpm.ops.dpmpp_2m_step`,
+    the op :func:`fastddpm.samplers.dpmpp_2m` steps with too): returns x_{i-1} and overwrites
+    ``previous_x0`` (contiguous, x's shape) with this step's x_0."""
+    return ops.dpmpp_2m_step(spec, model_output, index, x, previous_x0, chain)
+
+
+class DPMSolverMultistepScheduler(_FusedSteps, diffusers.DPMSolverMultistepScheduler):
+    """diffusers' ``DPMSolverMultistepScheduler`` whose ``step`` runs fastddpm's fused
+    DPM-Solver++(2M) step (``kernels/dpm_solver.py``; :func:`fastddpm.reference.dpmpp_2m_step`
+    off CUDA unless ``FASTDDPM_BACKEND=interpret``).
+
+    The fused path takes ``algorithm_type="dpmsolver++"``, ``solver_order=2``,
+    ``solver_type="midpoint"``, ``final_sigmas_type="zero"`` (whatever ``lower_order_final`` and
+    ``euler_at_final``: with "zero" diffusers' last step is first order anyway) or ``"sigma_min"``
+    where diffusers' last step is first order too (``euler_at_final``, or ``lower_order_final`` below
+    15 steps), the plain VP sigmas
+    of the trained alpha_bar or ``use_karras_sigmas`` / ``use_exponential_sigmas`` /
+    ``use_beta_sigmas`` (a chain built from diffusers' own sigmas; not ``use_lu_lambdas`` or
+    ``use_flow_sigmas``), any ``timestep_spacing``,
+    ``steps_offset``, ``lambda_min_clipped`` or custom ``timesteps`` whose timesteps do not repeat,
+    ``thresholding=False``, prediction types epsilon / sample / v_prediction, ``variance_type``
+    None or, with epsilon, learned / learned_range (diffusers keeps the first 3 channels, as the
+    fused path does), and ``model_output`` / ``sample`` of one shape, dtype and device. Every other
+    setting (among them ``rescale_betas_zero_snr``, whose last alpha_bar diffusers raises to 2**-24,
+    above the one before it), and a first step taken below the chain's top (``set_begin_index``),
+    runs ``super().step`` unchanged. ``add_noise`` is the parent's.
+
+    The step index is diffusers' counter (``step_index``; its first value found on the host for a
+    timestep that is an int, a CPU tensor or an element of ``scheduler.timesteps``), so a step
+    reads nothing back from the device. The predicted x_0 lives in a device buffer that the fused
+    op overwrites in place; after a fused step ``model_outputs[-1]`` is that buffer and an earlier
+    entry that is the same buffer is set to None (its value is gone; order 2 never reads it), so
+    the parent's step may follow a fused one, and a fused one the parent's, within one loop.
+    """
+
+    __init__ = _init_of(diffusers.DPMSolverMultistepScheduler)
+    _prediction_types = PREDICTION_TYPES + ("flow_prediction",)
+    add_noise = diffusers.DPMSolverMultistepScheduler.add_noise  # indexed by step, not by timestep
+
+    def _prepare(self) -> None:
+        super()._prepare()
+        self._chain: Optional[NoiseSchedule] = None
+        self._x0_buffer: Optional[torch.Tensor] = None
+        self._spec: Optional[StepSpec] = None
+
+    def _fused_settings(self) -> bool:
+        config = self.config
+        return (self._trained is not None and config.algorithm_type == "dpmsolver++" and config.solver_order == 2
+                and config.solver_type == "midpoint" and config.final_sigmas_type in ("zero", "sigma_min")
+                and not config.thresholding and config.prediction_type in PREDICTION_TYPES
+                and not any(getattr(config, name, False) for name in DPM_SIGMA_SCHEDULES
+                            if name not in DPM_FUSED_SIGMA_SCHEDULES))
+
+    def _last_step_first_order(self, num_steps: int) -> bool:
+        """Whether diffusers' last step is first order (the fused chain's is): always when it lands
+        on sigma 0; with ``final_sigmas_type="sigma_min"`` under ``euler_at_final``, or
+        ``lower_order_final`` below 15 steps (diffusers' rule)."""
+        config = self.config
+        return (config.final_sigmas_type == "zero" or config.euler_at_final
+                or (config.lower_order_final and num_steps < 15))
+
+    def _sigma_chain(self, final_alpha_cumprod: float = 1.0) -> Optional[NoiseSchedule]:
+        """The chain of diffusers' own sigmas (Karras, exponential, beta): index i is the i-th lowest
+        noise level, alpha_bar = 1 / (1 + sigma^2) as diffusers' ``_sigma_to_alpha_sigma_t`` gives;
+        the last step lands on sigma 0 (x_0). None where the levels do not strictly decrease."""
+        sigmas = self.sigmas.detach().to(device="cpu", dtype=torch.float64)
+        levels = sigmas[:-1]  # the last entry is final_sigmas_type's 0
+        alpha_bar = 1.0 / (1.0 + levels.flip(0) ** 2)
+        try:
+            # the model's timestep at each level: diffusers' own (interpolated from the sigmas), ascending
+            return NoiseSchedule.from_alphas_cumprod(alpha_bar, coefficient_dtype=torch.float32,
+                                                     timesteps=torch.tensor(self._host_timesteps[::-1]),
+                                                     final_alpha_cumprod=final_alpha_cumprod)
+        except ValueError:
+            return None
+
+    def set_timesteps(self, num_inference_steps: Optional[int] = None, device: Union[str, torch.device, None] = None,
+                      mu: Optional[float] = None, timesteps: Optional[List[int]] = None) -> None:
+        """diffusers' ``set_timesteps``, then the chain the fused step walks (on ``device``)."""
+        if num_inference_steps is not None:
+            self._check_num_inference_steps(num_inference_steps)
+        values = self._set_parent_timesteps(
+            lambda: super(DPMSolverMultistepScheduler, self).set_timesteps(num_inference_steps, None, mu, timesteps),
+            device)
+        self._chain = None
+        ascending = sorted(values)
+        sigma_chain = any(getattr(self.config, name, False) for name in DPM_FUSED_SIGMA_SCHEDULES)
+        if self._fused_settings() and self._last_step_first_order(len(values)) \
+                and (sigma_chain or all(a < b for a, b in zip(ascending, ascending[1:]))):
+            # index i of the chain is diffusers' step len - 1 - i; its last step lands on diffusers' last
+            # sigma (0: x_0; sigma_min: alpha_bar = 1 / (1 + sigma_min^2))
+            final = 1.0 / (1.0 + float(self.sigmas[-1]) ** 2)
+            self._chain = (self._sigma_chain(final) if sigma_chain
+                           else self._trained.respace(ascending, final_alpha_cumprod=final))
+        if self._chain is not None:
+            self._spec = StepSpec("dpmpp_2m", self.config.prediction_type, "fixed_small", None)
+            if _off_host(self.timesteps.device):
+                self._chain.table(self.timesteps.device, torch.float32)
+                self._index_on(0, self.timesteps.device)
+
+    def _init_step_index(self, timestep) -> None:
+        """diffusers' rule (the second match of a repeated timestep, the last step if none),
+        without reading the timestep back where the host knows it."""
+        if self.begin_index is None and (isinstance(timestep, (int, np.integer)) or (
+                isinstance(timestep, torch.Tensor) and timestep.numel() == 1 and not timestep.dtype.is_floating_point
+                and not timestep.dtype.is_complex and timestep.dtype != torch.bool)):
+            t = self._host_timestep(timestep)
+            if t is not None:
+                matches = [k for k, value in enumerate(self._host_timesteps) if value == t]
+                self._step_index = (len(self._host_timesteps) - 1 if not matches
+                                    else matches[1] if len(matches) > 1 else matches[0])
+                return
+        super()._init_step_index(timestep)
+
+    def _previous_x0(self, sample: torch.Tensor, first_order: bool) -> torch.Tensor:
+        """The device buffer the op reads D0_prev from and writes D0 to, holding the parent's
+        ``model_outputs[-1]`` when that is not the buffer already."""
+        buffer = self._x0_buffer
+        if buffer is None or buffer.shape != sample.shape or buffer.dtype != sample.dtype \
+                or buffer.device != sample.device:
+            buffer = self._x0_buffer = torch.zeros(sample.shape, dtype=sample.dtype, device=sample.device)
+        previous = self.model_outputs[-1]
+        if previous is not buffer and not first_order:
+            buffer.copy_(previous)
+        return buffer
+
+    def step(self, model_output: torch.Tensor, timestep: Union[int, torch.Tensor], sample: torch.Tensor,
+             generator=None, variance_noise: Optional[torch.Tensor] = None,
+             return_dict: bool = True) -> Union[SchedulerOutput, Tuple]:
+        """diffusers' ``DPMSolverMultistepScheduler.step``, fused where the settings allow (class
+        docstring)."""
+        def parent():
+            return super(DPMSolverMultistepScheduler, self).step(model_output, timestep, sample, generator,
+                                                                 variance_noise, return_dict)
+
+        if self.num_inference_steps is None or self._chain is None:
+            return parent()
+        _check_tensors(model_output=model_output, sample=sample)
+        output = model_output
+        if self.config.variance_type in LEARNED_VARIANCE_TYPES and self.config.prediction_type == "epsilon" \
+                and output.ndim >= 2:
+            output = output[:, :3]  # diffusers' split of the variance channels
+        if not _fusable_tensors(output, sample) or output.shape != sample.shape:
+            return parent()
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        total = len(self._host_timesteps)
+        step = self.step_index
+        if not 0 <= step < total:
+            return parent()  # diffusers' own error
+        index = total - 1 - step
+        first_order = self.lower_order_nums < 1 or step == total - 1
+        if first_order != (index in (0, total - 1)):
+            return parent()  # e.g. a first step below the chain's top (set_begin_index)
+
+        device = sample.device
+        previous = self._previous_x0(sample, first_order)
+        chain_index = self._index_on(index, device)
+        prev_sample = _dpmpp_2m(self._spec, output, chain_index, sample.contiguous(), previous, self._chain)
+        shifted = [None if entry is previous else entry for entry in self.model_outputs[1:]]
+        self.model_outputs = [*shifted, previous]
+        if self.lower_order_nums < self.config.solver_order:
+            self.lower_order_nums += 1
+        self._step_index += 1
+        if not return_dict:
+            return (prev_sample,)
+        return SchedulerOutput(prev_sample=prev_sample)
