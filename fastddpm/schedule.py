@@ -6,7 +6,7 @@ coefficients from a :class:`NoiseSchedule`; nothing recomputes them elsewhere.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Hashable, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -212,7 +212,7 @@ class NoiseSchedule:
 
         if coefficient_dtype == torch.float32:
             self._derive_as_diffusers()
-        self._device_cache: Dict[Tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._device_cache: Dict[Hashable, torch.Tensor] = {}
 
     def check_prediction_type(self, prediction_type: str) -> None:
         """Raise ``ValueError`` if a reverse step of this schedule is undefined for a model that
@@ -366,6 +366,33 @@ class NoiseSchedule:
             packed = torch.stack([getattr(self, name) for name in TABLE_ROWS])
             cached = packed.to(device=device, dtype=dtype).contiguous()
             self._device_cache[key] = cached
+        return cached
+
+    def derived(self, key: Hashable, derive: Callable[["NoiseSchedule"], Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        """Coefficients of a solver of its own on this chain (UniPC's, ...): ``derive(self)``, float64
+        rows of length T by name, computed once per ``key`` (the solver and its settings) and kept.
+        The rows every sampler shares are attributes and :data:`TABLE_ROWS`; a solver's own live
+        beside its reference (``fastddpm.reference``) and reach the chain only through here."""
+        cache = self.__dict__.setdefault("_derived_cache", {})
+        rows = cache.get(key)
+        if rows is None:
+            rows = cache[key] = {name: value.to(torch.float64) for name, value in derive(self).items()}
+        return rows
+
+    def derived_table(self, key: Hashable, derive: Callable[["NoiseSchedule"], Dict[str, torch.Tensor]],
+                      rows: Sequence[str], device: Union[str, torch.device] = "cpu",
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """:meth:`derived` packed ``[len(rows), T]`` in the order of ``rows`` on ``device`` (the
+        kernels' second table), cached per (key, device, dtype) like :meth:`table`."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        cache_key = (key, tuple(rows), device, dtype)
+        cached = self._device_cache.get(cache_key)
+        if cached is None:
+            values = self.derived(key, derive)
+            cached = torch.stack([values[name] for name in rows]).to(device=device, dtype=dtype).contiguous()
+            self._device_cache[cache_key] = cached
         return cached
 
     def coefficient(self, name: str, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
