@@ -21,7 +21,7 @@ from .checks import SEED_LIMIT
 from .schedule import NoiseSchedule
 from .step import StepRule, StepSpec, register_rule
 
-__all__ = ["BACKENDS", "KERNEL_DTYPES", "q_sample", "step", "ddpm_step", "ddim_step", "dpmpp_2m_step",
+__all__ = ["BACKENDS", "KERNEL_DTYPES", "q_sample", "step", "ddpm_step", "ddim_step", "dpmpp_2m_step", "unipc_step",
            "timestep_embedding",
            "resolve_backend", "triton_available"]
 
@@ -307,10 +307,11 @@ def q_sample(
 
 # The update rules of the step ops below (fastddpm.step.STEP_RULES: what each is, as every path needs
 # to know it). DDPM: the posterior, noise at every index but the last, a learned variance read from
-# the model; DDIM: Song et al.'s update, noise scale eta; DPM-Solver++(2M): deterministic.
+# the model; DDIM: Song et al.'s update, noise scale eta; DPM-Solver++(2M) and UniPC: deterministic.
 register_rule("ddpm", StepRule(always_noisy=True, noise_at_last_index=False, reads_model_variance=True))
 register_rule("ddim", StepRule(takes_eta=True))
 register_rule("dpmpp_2m", StepRule())
+register_rule("unipc", StepRule())  # UniPC: deterministic
 
 
 def _check_step_args(spec, model_output, t, x_t, schedule):
@@ -381,6 +382,20 @@ def step(
     return target, x0_target
 
 
+def _check_state(name: str, value, x_t: torch.Tensor) -> None:
+    """A multistep solver's buffer: x_t's shape, dtype and device."""
+    _check_floating(name, value)
+    if value.shape != x_t.shape or value.dtype != x_t.dtype or value.device != x_t.device:
+        raise ValueError(f"{name} must match x_t (shape {tuple(x_t.shape)}, {x_t.dtype}, {x_t.device}), got "
+                         f"shape {tuple(value.shape)}, {value.dtype}, {value.device}")
+
+
+def _check_contiguous_state(**named) -> None:
+    for name, value in named.items():
+        if not value.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (the kernel overwrites it in place)")
+
+
 def dpmpp_2m_step(
     spec: StepSpec,
     model_output: torch.Tensor,
@@ -399,10 +414,7 @@ def dpmpp_2m_step(
     if isinstance(spec, StepSpec) and spec.sampler != "dpmpp_2m":
         raise ValueError(f"spec.sampler must be 'dpmpp_2m' for dpmpp_2m_step, got {spec.sampler!r}")
     schedule, t_index = _check_step_args(spec, model_output, t, x_t, schedule)
-    _check_floating("previous_x0", previous_x0)
-    if previous_x0.shape != x_t.shape or previous_x0.dtype != x_t.dtype or previous_x0.device != x_t.device:
-        raise ValueError(f"previous_x0 must match x_t (shape {tuple(x_t.shape)}, {x_t.dtype}, {x_t.device}), got "
-                         f"shape {tuple(previous_x0.shape)}, {previous_x0.dtype}, {previous_x0.device}")
+    _check_state("previous_x0", previous_x0, x_t)
     if t_index.ndim != 0:
         raise ValueError(f"t must be one chain index (a scalar) for dpmpp_2m_step, got shape {tuple(t_index.shape)}")
     _check_out("out", out, x_t)
@@ -412,11 +424,59 @@ def dpmpp_2m_step(
         previous_x0.copy_(x0)
         return _write(out, x_prev)
     kernels = kernel_module("dpm_solver", interpret=chosen == "interpret")
-    if not previous_x0.is_contiguous():
-        raise ValueError("previous_x0 must be contiguous (the kernel overwrites it in place)")
+    _check_contiguous_state(previous_x0=previous_x0)
     target = _kernel_target(out, x_t)
     kernels.dpmpp_2m(spec, model_output.contiguous(), t_index, x_t.contiguous(), previous_x0,
                      schedule.table(x_t.device, torch.float32), out=target)
+    if out is not None and target is not out:
+        out.copy_(target)
+        target = out
+    return target
+
+
+def unipc_step(
+    spec: StepSpec,
+    model_output: torch.Tensor,
+    t,
+    x_t: torch.Tensor,
+    corrector: torch.Tensor,
+    previous_x0: torch.Tensor,
+    schedule: NoiseSchedule,
+    *,
+    solver: Optional[reference.UniPC] = None,
+    out: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """One UniPC step from chain index ``t`` (:func:`fastddpm.reference.unipc_step`,
+    ``kernels/unipc.py``): the corrector of the step before, then the predictor; returns x_{t-1}
+    and overwrites ``corrector`` (the corrector's part carried to the next step) and
+    ``previous_x0`` (this step's predicted x_0). Both start as zeros, in x_t's shape, dtype and
+    device. ``solver`` is a :class:`fastddpm.reference.UniPC` (default: bh2, order 2, a first-order
+    last step, every corrector); ``spec.sampler`` must be ``"unipc"``; ``out`` may be ``x_t``."""
+    if isinstance(spec, StepSpec) and spec.sampler != "unipc":
+        raise ValueError(f"spec.sampler must be 'unipc' for unipc_step, got {spec.sampler!r}")
+    if solver is None:
+        solver = reference.UniPC()
+    elif not isinstance(solver, reference.UniPC):
+        raise TypeError(f"solver must be a fastddpm.reference.UniPC, got {type(solver).__name__}")
+    schedule, t_index = _check_step_args(spec, model_output, t, x_t, schedule)
+    _check_state("corrector", corrector, x_t)
+    _check_state("previous_x0", previous_x0, x_t)
+    if t_index.ndim != 0:
+        raise ValueError(f"t must be one chain index (a scalar) for unipc_step, got shape {tuple(t_index.shape)}")
+    _check_out("out", out, x_t)
+    chosen = resolve_backend(backend, x_t.device, x_t.dtype)
+    if chosen == "reference":
+        x_prev, carried, x0 = reference.unipc_step(spec, model_output, t_index, x_t, corrector, previous_x0,
+                                                   schedule, solver)
+        corrector.copy_(carried)
+        previous_x0.copy_(x0)
+        return _write(out, x_prev)
+    kernels = kernel_module("unipc", interpret=chosen == "interpret")
+    _check_contiguous_state(corrector=corrector, previous_x0=previous_x0)
+    target = _kernel_target(out, x_t)
+    kernels.unipc(spec, model_output.contiguous(), t_index, x_t.contiguous(), corrector, previous_x0,
+                  schedule.table(x_t.device, torch.float32), solver.table(schedule, x_t.device), out=target)
     if out is not None and target is not out:
         out.copy_(target)
         target = out

@@ -7,8 +7,9 @@ cast back to the storage dtype of ``x_t`` / ``x0``. Indices ``t`` are indices in
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Optional, Tuple, Union
+from typing import Dict, FrozenSet, Optional, Tuple, Union
 
 import torch
 
@@ -24,6 +25,9 @@ __all__ = [
     "q_sample",
     "step",
     "dpmpp_2m_step",
+    "UniPC",
+    "UNIPC_ROWS",
+    "unipc_step",
     "predict_x0",
     "ddpm_step",
     "ddim_step",
@@ -314,6 +318,134 @@ def dpmpp_2m_step(
     x_prev = _gather(schedule, "dpmpp_sigma_ratio", t, x, dtype) * x + _gather(schedule, "dpmpp_data_coef", t, x, dtype) * (
         d0 + _gather(schedule, "dpmpp_diff_coef", t, x, dtype) * d1)
     return x_prev.to(x_t.dtype), d0.to(x_t.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# UniPC (Zhao et al. 2023): the multistep predictor-corrector, data prediction
+# ---------------------------------------------------------------------------------------------
+# Per chain index i, what one fused step combines (m = this step's x_0, m_prev the step before's,
+# C the corrector's part carried from the step before, xc the corrected sample):
+#   xc = u x + C + g m,   x_{i-1} = a xc + b m + c m_prev,   C' = ca xc + cb m + cc m_prev.
+UNIPC_ROWS = ("unipc_u", "unipc_g", "unipc_a", "unipc_b", "unipc_c", "unipc_ca", "unipc_cb", "unipc_cc")
+UNIPC_VARIANTS = ("bh1", "bh2")
+
+
+@dataclasses.dataclass(frozen=True)
+class UniPC:
+    """The settings of a UniPC chain (diffusers' ``UniPCMultistepScheduler`` names): the predictor's
+    order (1 or 2; the corrector's is the predictor's of the step before, so UniPC-p is of order
+    p + 1), B(h) of ``variant`` "bh1" (B(h) = h) or "bh2" (B(h) = e^h - 1), a first-order last step
+    (``lower_order_final``), and the steps whose following corrector is skipped
+    (``disable_corrector``, diffusers' step numbers, 0 = the chain's first)."""
+
+    order: int = 2
+    variant: str = "bh2"
+    lower_order_final: bool = True
+    disable_corrector: FrozenSet[int] = frozenset()
+
+    def __post_init__(self):
+        if self.order not in (1, 2):
+            raise ValueError(f"order must be 1 or 2 for the fused UniPC step, got {self.order!r}")
+        check_choice("variant", self.variant, UNIPC_VARIANTS)
+        object.__setattr__(self, "disable_corrector", frozenset(int(k) for k in self.disable_corrector))
+
+    def coefficients(self, schedule: NoiseSchedule) -> Dict[str, torch.Tensor]:
+        """The rows of :data:`UNIPC_ROWS` on ``schedule``'s chain (float64, computed once per chain)."""
+        return schedule.derived(("unipc", self), self._derive)
+
+    def table(self, schedule: NoiseSchedule, device, dtype=torch.float32) -> torch.Tensor:
+        """:meth:`coefficients` packed for the kernel (``kernels/unipc.py``)."""
+        return schedule.derived_table(("unipc", self), self._derive, UNIPC_ROWS, device, dtype)
+
+    def _derive(self, schedule: NoiseSchedule) -> Dict[str, torch.Tensor]:
+        """The combined coefficients of the chain's steps, in the order they run (k = 0 is the chain's
+        top, index T - 1; level k + 1 is where step k lands, the last one final_alpha_cumprod).
+
+        With alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar), lambda = log(alpha / sigma),
+        h_k = lambda_{k+1} - lambda_k, phi = e^{-h_k} - 1, B = phi (bh2) or -h_k (bh1) and
+        r_k = (lambda_{k-1} - lambda_k) / h_k, step k from x_k with this step's x_0 m_k:
+
+        * UniC (k > 0, unless step k - 1 is in ``disable_corrector``), of the order p of the step
+          before: xc_k = (sigma_k / sigma_{k-1}) xc_{k-1} - alpha_k phi m_{k-1}
+          - alpha_k B (rho_0 (m_{k-2} - m_{k-1}) / r_{k-1} + rho_1 (m_k - m_{k-1})), with rho_1 = 1/2,
+          rho_0 = 0 where p = 1, and otherwise (rho_0, rho_1) solving [[1, 1], [r, 1]] rho =
+          (b_1, b_2), b_1 = (phi / -h - 1) / B, b_2 = 2 ((phi / -h - 1) / -h - 1/2) / B;
+        * UniP of order p (1 at the first step, at the last with ``lower_order_final``, 2 between
+          for order 2): x_{k+1} = (sigma_{k+1} / sigma_k) xc_k - alpha_{k+1} phi m_k
+          - alpha_{k+1} B (1/2) (m_{k-1} - m_k) / r_k where p = 2.
+
+        Everything of the corrector at k + 1 but its m_{k+1} term is known at step k: it is carried
+        in C (the ``ca``, ``cb``, ``cc`` rows), so a step reads x, the model output, C and m_prev
+        once and writes x, C and m_prev."""
+        n = schedule.num_timesteps
+        levels = torch.cat([schedule.alphas_cumprod.flip(0),
+                            torch.tensor([schedule.final_alpha_cumprod], dtype=torch.float64)])
+        alpha, sigma = levels.sqrt(), (1.0 - levels).sqrt()
+        lam = 0.5 * (levels.log() - torch.log1p(-levels))  # +inf where alpha_bar = 1
+        rows = {name: torch.zeros(n, dtype=torch.float64) for name in UNIPC_ROWS}
+        u, g = torch.zeros(n + 1, dtype=torch.float64), torch.zeros(n + 1, dtype=torch.float64)
+        u[0] = 1.0
+        for k in range(n):
+            h = (lam[k + 1] - lam[k]).item()
+            hh = -h
+            phi = math.expm1(hh)
+            big_b = phi if self.variant == "bh2" else hh
+            order = min(self.order, k + 1, (n - k) if self.lower_order_final else self.order)
+            r = (lam[k - 1] - lam[k]).item() / h if order == 2 else None
+            a = (sigma[k + 1] / sigma[k]).item()
+            to = alpha[k + 1].item()
+            base_m = -to * phi
+            i = n - 1 - k  # the chain index of step k
+            rows["unipc_a"][i] = a
+            rows["unipc_b"][i] = base_m + (to * big_b * 0.5 / r if order == 2 else 0.0)
+            rows["unipc_c"][i] = -to * big_b * 0.5 / r if order == 2 else 0.0
+            if k + 1 < n and k not in self.disable_corrector:  # the corrector of step k + 1
+                if order == 1:
+                    rho0, rho1 = 0.0, 0.5
+                else:
+                    phi_k1 = phi / hh - 1.0
+                    b1 = phi_k1 / big_b
+                    b2 = 2.0 * (phi_k1 / hh - 0.5) / big_b
+                    rho0 = (b1 - b2) / (1.0 - r)
+                    rho1 = b1 - rho0
+                rows["unipc_ca"][i] = a
+                rows["unipc_cb"][i] = base_m + to * big_b * ((rho0 / r if order == 2 else 0.0) + rho1)
+                rows["unipc_cc"][i] = -to * big_b * rho0 / r if order == 2 else 0.0
+                g[k + 1] = -to * big_b * rho1
+            else:
+                u[k + 1] = 1.0
+        rows["unipc_u"] = u[:n].flip(0).clone()
+        rows["unipc_g"] = g[:n].flip(0).clone()
+        return rows
+
+
+def unipc_step(
+    spec: StepSpec,
+    model_output: torch.Tensor,
+    t,
+    x_t: torch.Tensor,
+    corrector: torch.Tensor,
+    previous_x0: torch.Tensor,
+    schedule: NoiseSchedule,
+    solver: UniPC = UniPC(),
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One UniPC step (the corrector of the step before, then the predictor) from chain index t to
+    t - 1; returns (x_{t-1}, the corrector's part C for the next step, this step's x_0).
+    ``corrector`` and ``previous_x0`` are the step before's (zeros before the first step);
+    :meth:`UniPC._derive` has the math. Deterministic: no noise."""
+    dtype = _compute_dtype(x_t)
+    x = x_t.to(dtype)
+    mean_output, _ = _split_model_output(model_output, x_t, spec.variance_type)
+    m = predict_x0(mean_output.to(dtype), t, x, schedule, spec.prediction_type, spec.clip_range)
+    table = solver.table(schedule, x.device, dtype)
+    t = t.to(device=x.device, dtype=torch.int64).reshape(1) if isinstance(t, torch.Tensor) else torch.tensor(
+        [int(t)], device=x.device)
+    u, g, a, b, c, ca, cb, cc = table.index_select(1, t).reshape(len(UNIPC_ROWS))
+    m_prev = previous_x0.to(dtype)
+    xc = u * x + corrector.to(dtype) + g * m
+    x_prev = a * xc + b * m + c * m_prev
+    carried = ca * xc + cb * m + cc * m_prev
+    return x_prev.to(x_t.dtype), carried.to(x_t.dtype), m.to(x_t.dtype)
 
 
 def ddpm_step(model_output, t, x_t, schedule, *, prediction_type="epsilon", variance_type="fixed_small",

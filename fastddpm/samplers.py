@@ -8,7 +8,8 @@ noise of x_T, progress, callbacks and the CUDA graph. ``buffers(run)`` allocates
 sampler keeps between steps (none for DDPM and DDIM); ``schedule(trained, num_steps)`` gives the
 chain the sampler walks.
 
-Adding a sampler touches three files: its function and entry here, its reference in
+Adding a sampler with an update rule of its own touches four files: its function and entry here, its
+op and rule in ``fastddpm/ops.py``, its reference (and coefficients, if it has its own) in
 ``fastddpm/reference.py`` and its kernel in ``kernels/`` (docs/architecture.md).
 """
 from __future__ import annotations
@@ -88,12 +89,26 @@ def dpmpp_2m(run, model_output: torch.Tensor) -> None:
         run.pred_x0.copy_(previous)
 
 
+def unipc(run, model_output: torch.Tensor) -> None:
+    """UniPC (bh2, order 2): deterministic; each step corrects the sample with this model output,
+    then predicts the next (:func:`fastddpm.ops.unipc_step`)."""
+    previous = run.buffers["previous_x0"]
+    ops.unipc_step(run.spec, model_output, run.index, run.x, run.buffers["corrector"], previous, run.schedule,
+                   out=run.x, backend=run.backend)
+    if run.pred_x0 is not None:
+        run.pred_x0.copy_(previous)
+
+
 SAMPLERS: Dict[str, Sampler] = {
     "ddpm": Sampler(posterior_step, "ddpm", description="ancestral sampling through the posterior (Ho et al.)"),
     "ddim": Sampler(posterior_step, "ddim", description="Song et al.'s update, noise scale --eta"),
     "dpmpp_2m": Sampler(dpmpp_2m, "dpmpp_2m", buffers=lambda run: {"previous_x0": torch.zeros_like(run.x)},
                         schedule=_respace_linspace, default_steps=20,
                         description="DPM-Solver++(2M) (Lu et al. 2022), deterministic"),
+    "unipc": Sampler(unipc, "unipc", buffers=lambda run: {"corrector": torch.zeros_like(run.x),
+                                                          "previous_x0": torch.zeros_like(run.x)},
+                     schedule=_respace_linspace, default_steps=20,
+                     description="UniPC (Zhao et al. 2023), bh2 predictor-corrector of order 2, deterministic"),
 }
 
 

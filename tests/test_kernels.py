@@ -530,3 +530,68 @@ def test_dpmpp_2m_kernel_matches_the_reference(dtype, shape, variance_type, pred
         what = f"dpmpp_2m {shape} {dtype} {prediction_type}/{variance_type} index {index}"
         assert_close_to_reference(out, expected_prev, dtype, what + " x_prev", scale)
         assert_close_to_reference(previous, expected_x0, dtype, what + " x0", scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# UniPC step (kernels/unipc.py) against reference.unipc_step
+# ---------------------------------------------------------------------------------------------
+UNIPC_SOLVERS = [reference.UniPC(), reference.UniPC(order=1), reference.UniPC(variant="bh1"),
+                 reference.UniPC(disable_corrector=frozenset({1, 4}), lower_order_final=False)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape, variance_type", [((3, 2, 9, 7), "fixed_small"), ((1025,), "fixed_small"),
+                                                  ((2, 3, 5, 4), "learned_range")], ids=str)
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("solver", UNIPC_SOLVERS, ids=lambda s: f"{s.variant}-{s.order}-{sorted(s.disable_corrector)}")
+def test_unipc_kernel_matches_the_reference(dtype, shape, variance_type, prediction_type, solver):
+    """Every chain index (first steps, corrector on and off, the last step), fresh inputs, poisoned
+    output; the corrector part and the previous x_0 are overwritten in place. The tolerance scale
+    adds the largest combination of the eight coefficients, sum |row| (an element's three outputs
+    are sums of at most four such products of inputs), to error_scale's."""
+    from fastddpm.step import StepSpec
+
+    spec = StepSpec("unipc", prediction_type, variance_type, clip_range=1.0 if prediction_type == "epsilon" else None)
+    schedule = NoiseSchedule.from_alphas_cumprod(
+        RESPACED.alphas_cumprod, final_alpha_cumprod=(1 + RESPACED.alphas_cumprod[0].item()) / 2) \
+        if not solver.lower_order_final else RESPACED  # an order-2 last step needs a last level below 1
+    kernels = ops.kernel_module("unipc", interpret=KERNEL_BACKEND == "interpret")
+    table = schedule.table(KERNEL_DEVICE, torch.float32)
+    solver_table = solver.table(schedule, KERNEL_DEVICE)
+    coefficients = solver.coefficients(schedule)
+    amplification = 1 + sum(row.abs().max().item() for row in coefficients.values())
+    out_shape = spec.model_output_shape(shape)
+    for index in range(schedule.num_timesteps):
+        seed = 100 * index + len(shape)
+        x_t, model_output = randn(shape, seed, dtype), randn(out_shape, seed + 1, dtype)
+        corrector, previous = randn(shape, seed + 2, dtype), randn(shape, seed + 3, dtype)
+        expected_prev, expected_c, expected_x0 = reference.unipc_step(
+            spec, as64(model_output), index, as64(x_t), as64(corrector), as64(previous), schedule, solver)
+        out = poisoned(x_t)
+        t = torch.tensor(index, dtype=torch.int64, device=KERNEL_DEVICE)
+        kernels.unipc(spec, model_output, t, x_t, corrector, previous, table, solver_table, out=out)
+        scale = amplification * error_scale(torch.tensor(index), schedule, x_t, model_output, previous, corrector)
+        what = f"unipc {shape} {dtype} {prediction_type}/{variance_type} index {index}"
+        assert_close_to_reference(out, expected_prev, dtype, what + " x_prev", scale)
+        assert_close_to_reference(corrector, expected_c, dtype, what + " corrector", scale)
+        assert_close_to_reference(previous, expected_x0, dtype, what + " x0", scale)
+
+
+def test_unipc_op_takes_non_contiguous_inputs_and_writes_in_place():
+    """ops.unipc_step on a transposed x_t and model output, out=x_t: the kernel path's result is the
+    reference's (float64) on the same values."""
+    from fastddpm.step import StepSpec
+
+    spec = StepSpec("unipc", "epsilon", "fixed_small", 1.0)
+    base = randn((2, 3, 6, 5), 7)
+    x_t = base.transpose(2, 3)
+    model_output = randn((2, 3, 6, 5), 8).transpose(2, 3)
+    corrector, previous = randn(x_t.shape, 9), randn(x_t.shape, 10)
+    expected_prev, expected_c, expected_x0 = reference.unipc_step(
+        spec, as64(model_output), 5, as64(x_t), as64(corrector), as64(previous), RESPACED)
+    written = ops.unipc_step(spec, model_output, 5, x_t, corrector, previous, RESPACED, out=x_t, backend=KERNEL_BACKEND)
+    assert written is x_t
+    scale = 10 * error_scale(torch.tensor(5), RESPACED, x_t, model_output, previous, corrector)
+    assert_close_to_reference(x_t, expected_prev, torch.float32, "x_prev", scale)
+    assert_close_to_reference(corrector, expected_c, torch.float32, "corrector", scale)
+    assert_close_to_reference(previous, expected_x0, torch.float32, "x0", scale)

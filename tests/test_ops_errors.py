@@ -264,3 +264,70 @@ def test_interpret_backend_in_a_fresh_process_in_either_flavour(interpret_env):
     done = subprocess.run([sys.executable, "-c", _FLAVOURS, interpret_env or "None"], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# the multistep solvers' ops: their buffers and settings
+# ---------------------------------------------------------------------------------------------
+def _multistep_call(op_name, backend, out=None, **overrides):
+    from fastddpm.reference import UniPC
+    from fastddpm.step import StepSpec
+
+    sampler = "unipc" if op_name == "unipc_step" else "dpmpp_2m"
+    args = dict(spec=StepSpec(sampler, "epsilon", "fixed_small", 1.0), model_output=tensor(), t=3, x_t=tensor(),
+                corrector=torch.zeros(SHAPE, device=KERNEL_DEVICE),
+                previous_x0=torch.zeros(SHAPE, device=KERNEL_DEVICE), schedule=RESPACED, solver=UniPC())
+    args.update(overrides)
+    if op_name == "dpmpp_2m_step":
+        args.pop("corrector"), args.pop("solver")
+    out = nan_buffer() if out is None else out
+    names = ["spec", "model_output", "t", "x_t"] + (["corrector"] if op_name == "unipc_step" else []) + [
+        "previous_x0", "schedule"]
+    positional = [args.pop(name) for name in names]
+    return getattr(ops, op_name)(*positional, out=out, backend=backend, **args), out
+
+
+MULTISTEP_CASES = [
+    ("previous_x0 shape", dict(previous_x0=tensor((2, 3, 5))), ValueError, "previous_x0"),
+    ("previous_x0 dtype", dict(previous_x0=tensor(dtype=torch.float64)), ValueError, "previous_x0"),
+    ("t a batch", dict(t=torch.tensor([1, 2])), ValueError, "t must be one chain index"),
+    ("t past the chain", dict(t=10), ValueError, "t"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op_name", ["dpmpp_2m_step", "unipc_step"])
+@pytest.mark.parametrize("case, overrides, error, names", MULTISTEP_CASES, ids=[c[0] for c in MULTISTEP_CASES])
+def test_multistep_ops_refuse_bad_buffers_before_writing(op_name, backend, case, overrides, error, names):
+    overrides = dict(overrides)  # the parameter is shared by every run of the test
+    out, previous = nan_buffer(), overrides.pop("previous_x0", tensor())
+    before = previous.clone()
+    with pytest.raises(error, match=names):
+        _multistep_call(op_name, backend, out=out, previous_x0=previous, **overrides)
+    assert out.isnan().all() and torch.equal(previous, before)  # nothing written
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unipc_step_refuses_its_own_bad_arguments(backend):
+    from fastddpm.step import StepSpec
+
+    with pytest.raises(ValueError, match="corrector must match x_t"):
+        _multistep_call("unipc_step", backend, corrector=tensor((3, 3, 4)))
+    with pytest.raises(ValueError, match="spec.sampler must be 'unipc'"):
+        _multistep_call("unipc_step", backend, spec=StepSpec("dpmpp_2m", "epsilon", "fixed_small", 1.0))
+    with pytest.raises(TypeError, match="solver must be a fastddpm.reference.UniPC"):
+        _multistep_call("unipc_step", backend, solver="bh2")
+    if backend != "reference":
+        strided = torch.zeros((2, 4, 3), device=KERNEL_DEVICE).transpose(1, 2)
+        with pytest.raises(ValueError, match="corrector must be contiguous"):
+            _multistep_call("unipc_step", backend, corrector=strided)
+
+
+def test_unipc_settings_are_checked_when_made():
+    from fastddpm.reference import UniPC
+
+    with pytest.raises(ValueError, match="order must be 1 or 2"):
+        UniPC(order=3)
+    with pytest.raises(ValueError, match="variant"):
+        UniPC(variant="bh3")
+    assert UniPC(disable_corrector=[2, 1]) == UniPC(disable_corrector=frozenset({1, 2}))
