@@ -140,6 +140,20 @@ def _dpmpp_2m(torch, dtype, launcher):
     return args, dict(out=torch.empty_like(x))
 
 
+def _unipc(torch, dtype, launcher):
+    from fastddpm.reference import UniPC
+    from fastddpm.schedule import NoiseSchedule
+    from fastddpm.step import StepSpec
+
+    x = torch.randn(BATCH, CHANNELS, HEIGHT, WIDTH).to(dtype)
+    chain = NoiseSchedule.linear(1000).respace_evenly(20)
+    spec = StepSpec("unipc", clip_range=None)
+    args = (spec, torch.randn(x.shape).to(dtype), torch.tensor(10, dtype=torch.int64), x,
+            torch.randn(x.shape).to(dtype), torch.randn(x.shape).to(dtype), chain.table("cpu", torch.float32),
+            UniPC().table(chain, "cpu"))
+    return args, dict(out=torch.empty_like(x))
+
+
 def _embedding(torch, dtype, launcher):
     return (torch.arange(EMBED_BATCH, dtype=torch.int64) * 7, EMBED_DIM), {}
 
@@ -166,6 +180,9 @@ VARIANTS: List[Variant] = [
     *[Variant(f"dpmpp_2m.{d}", "dpm_solver", "_dpmpp_2m_kernel", "dpmpp_2m", d, _dpmpp_2m, 3, 2,
               description="DPM-Solver++(2M) step: epsilon, no clip, scalar t; writes x_prev and x0")
       for d in ("fp32", "bf16")],
+    *[Variant(f"unipc.{d}", "unipc", "_unipc_kernel", "unipc", d, _unipc, 4, 3,
+              description="UniPC bh2 step (corrector + predictor): epsilon, no clip, scalar t; writes x_prev, "
+                          "the corrector's part and x0") for d in ("fp32", "bf16")],
     Variant(f"embedding.dim{EMBED_DIM}", "timestep_embedding", "_timestep_embedding_kernel", "timestep_embedding",
             "fp32", _embedding, 0, 1, per_program=("BLOCK_B", "BLOCK_D"),
             description=f"sinusoidal embedding, {EMBED_BATCH} timesteps x {EMBED_DIM}"),

@@ -23,7 +23,7 @@ from typing import Callable, Dict, Tuple
 
 import torch
 
-OPS = ("ddpm_step", "dpmpp_2m", "q_sample", "timestep_embedding")
+OPS = ("ddpm_step", "dpmpp_2m", "unipc", "q_sample", "timestep_embedding")
 IMPLS = ("fastddpm", "reference", "compile", "diffusers")
 # Implementations the runners measure on a GPU only: the Triton kernels need one, and
 # torch.compile on a CPU would spend minutes compiling every (size, dtype) for a CPU figure
@@ -33,6 +33,7 @@ GPU_ONLY_IMPLS = ("fastddpm", "compile")
 OP_IMPLS = {
     "ddpm_step": IMPLS,
     "dpmpp_2m": IMPLS,
+    "unipc": IMPLS,
     "q_sample": IMPLS,
     "timestep_embedding": ("fastddpm", "reference", "diffusers"),
 }
@@ -54,6 +55,9 @@ def bytes_moved(op: str, numel: int, dtype: torch.dtype) -> int:
       (Writing the predicted x_0 too would make it 4 * N; the sampling loop does not need it.)
     * dpmpp_2m: read x_t, the model output and the previous x_0, write x_{t-1} and this step's
       x_0 (the next step's previous one): 5 * N * itemsize.
+    * unipc: read x_t, the model output, the corrector's part carried from the step before and the
+      previous x_0, write x_{t-1}, the next corrector's part and this step's x_0: 7 * N * itemsize
+      (diffusers' layout, the last sample and two x_0s, needs as many).
     * q_sample: read x_0, write x_t and eps (the training loss needs eps): 3 * N * itemsize.
     * timestep_embedding: read N int64 timesteps, write N x dim float32.
     """
@@ -62,6 +66,8 @@ def bytes_moved(op: str, numel: int, dtype: torch.dtype) -> int:
         return 3 * numel * itemsize
     if op == "dpmpp_2m":
         return 5 * numel * itemsize
+    if op == "unipc":
+        return 7 * numel * itemsize
     if op == "timestep_embedding":
         return numel * 8 + numel * EMBEDDING_DIM * 4
     raise ValueError(f"op must be one of {OPS}, got {op!r}")
@@ -100,6 +106,15 @@ def reference_dpmpp_2m(model_output, t, x_t, previous_x0, schedule):
     return reference.dpmpp_2m_step(StepSpec("dpmpp_2m", clip_range=None), model_output, t, x_t, previous_x0, schedule)
 
 
+def reference_unipc(model_output, t, x_t, corrector, previous_x0, schedule):
+    """The reference UniPC step (bh2, order 2, epsilon, no clipping, as diffusers' default)."""
+    from fastddpm import reference
+    from fastddpm.step import StepSpec
+
+    return reference.unipc_step(StepSpec("unipc", clip_range=None), model_output, t, x_t, corrector, previous_x0,
+                                schedule)
+
+
 def reference_q_sample_with_randn(x0, t, schedule):
     """The reference forward noising with torch.randn noise; returns (x_t, eps)."""
     from fastddpm import reference
@@ -134,6 +149,8 @@ def build_kernel_case(op: str, impl: str, numel: int, dtype: torch.dtype, device
         return _step_case(impl, shape, dtype, device, generator)
     if op == "dpmpp_2m":
         return _dpmpp_case(impl, shape, dtype, device, generator)
+    if op == "unipc":
+        return _unipc_case(impl, shape, dtype, device, generator)
     return _q_sample_case(impl, shape, dtype, device, generator)
 
 
@@ -206,6 +223,48 @@ def _dpmpp_case(impl, shape, dtype, device, generator):
     fn = _compiled(reference_dpmpp_2m) if impl == "compile" else reference_dpmpp_2m
     index_vector = index.reshape(1)
     return lambda: fn(model_output, index_vector, x_t, previous, chain)
+
+
+def _unipc_case(impl, shape, dtype, device, generator):
+    """A mid-chain step of a 20-step chain (diffusers' default spacing) with the corrector of the
+    step before and a second-order predictor."""
+    from fastddpm import NoiseSchedule, ops, reference
+    from fastddpm.samplers import SAMPLERS
+    from fastddpm.step import StepSpec
+
+    x_t, model_output, corrector, previous = (
+        torch.randn(shape, generator=generator, device=device, dtype=dtype) for _ in range(4))
+    if impl == "diffusers":
+        from diffusers import UniPCMultistepScheduler
+
+        scheduler = UniPCMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear")
+        scheduler.set_timesteps(20)
+        middle = scheduler.timesteps[10]
+        before = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+        def diffusers_step():
+            # Hold the scheduler at a mid-chain step: the last sample, two x_0s, order 2 both ways.
+            scheduler._step_index = 10
+            scheduler.model_outputs = [before, previous]
+            scheduler.last_sample = corrector
+            scheduler.this_order = 2
+            scheduler.lower_order_nums = 2
+            return scheduler.step(model_output, middle, x_t).prev_sample
+
+        return diffusers_step
+    chain = SAMPLERS["unipc"].schedule(NoiseSchedule.linear(1000), 20)
+    index = _device_int(9, device)
+    if impl == "fastddpm":
+        spec = StepSpec("unipc", clip_range=None)
+        kernels = ops.kernel_module("unipc", interpret=False)
+        table, solver_table = chain.table(device, torch.float32), reference.UniPC().table(chain, device)
+        out = torch.empty_like(x_t)
+        # the buffers are overwritten each call; the values stay of the same size over repeats
+        return lambda: kernels.unipc(spec, model_output, index, x_t, corrector, previous, table, solver_table,
+                                     out=out)
+    fn = _compiled(reference_unipc) if impl == "compile" else reference_unipc
+    index_vector = index.reshape(1)
+    return lambda: fn(model_output, index_vector, x_t, corrector, previous, chain)
 
 
 def _q_sample_case(impl, shape, dtype, device, generator):

@@ -12,7 +12,7 @@ LAYERS = [
     # devices, outputs, interrupts, process groups, datasets, how the model runs
     {"checks", "step", "schedule", "devices", "outputs", "interrupts", "distributed", "data", "acceleration"},
     # the two implementations of every op: the PyTorch reference and the Triton kernels
-    {"reference", "kernels", "kernels.common", "kernels.noise", "kernels.q_sample", "kernels.reverse_step", "kernels.dpm_solver",
+    {"reference", "kernels", "kernels.common", "kernels.noise", "kernels.q_sample", "kernels.reverse_step", "kernels.dpm_solver", "kernels.unipc",
      "kernels.timestep_embedding"},
     # the ops: checks, then a backend
     {"ops"},
