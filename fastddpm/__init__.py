@@ -14,6 +14,7 @@ _LAZY = {
     "DDPMScheduler": "schedulers",
     "DDIMScheduler": "schedulers",
     "DPMSolverMultistepScheduler": "schedulers",
+    "UniPCMultistepScheduler": "schedulers",
     "UNet": "models",
     "MLPDenoiser": "models",
     "create_model": "models",

@@ -21,7 +21,7 @@ def test_a_saved_pipeline_loads_after_import_fastddpm_alone(tmp_path, tiny_unet)
     diffusers = pytest.importorskip("diffusers")
     import fastddpm
 
-    for name in ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler"):
+    for name in ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"):
         pipe = diffusers.DDPMPipeline(unet=tiny_unet, scheduler=getattr(fastddpm, name)())
         pipe.save_pretrained(tmp_path / name)
         assert json.loads((tmp_path / name / "model_index.json").read_text())["scheduler"] == [
@@ -30,7 +30,7 @@ def test_a_saved_pipeline_loads_after_import_fastddpm_alone(tmp_path, tiny_unet)
         "import sys, fastddpm\n"
         "assert 'diffusers' not in sys.modules, 'import fastddpm stays light'\n"
         "import diffusers\n"
-        "for name in ('DDPMScheduler', 'DDIMScheduler', 'DPMSolverMultistepScheduler'):\n"
+        "for name in ('DDPMScheduler', 'DDIMScheduler', 'DPMSolverMultistepScheduler', 'UniPCMultistepScheduler'):\n"
         "    pipe = diffusers.DDPMPipeline.from_pretrained(%r + '/' + name)\n"
         "    any_pipe = diffusers.DiffusionPipeline.from_pretrained(%r + '/' + name)\n"
         "    assert type(pipe.scheduler) is getattr(fastddpm, name), type(pipe.scheduler)\n"

@@ -1152,3 +1152,132 @@ def test_dpm_sigma_min_from_15_steps_runs_the_parents_step(dpm_calls):
     assert len(dpm_calls) == 0 and torch.equal(ours, theirs)
     ours, _ = dpm_loop(fastddpm.DPMSolverMultistepScheduler(**config), model, 14)
     assert len(dpm_calls) == 14  # below 15 steps: fused
+
+
+# ---------------------------------------------------------------------------------------------
+# UniPCMultistepScheduler (issue 23): the corrector and predictor fused
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def unipc_calls(monkeypatch):
+    """Counts the fused UniPC steps on KERNEL_DEVICE's kernel backend (as dpm_calls)."""
+    monkeypatch.setenv("FASTDDPM_BACKEND", KERNEL_BACKEND)
+    calls = []
+    real = schedulers.unipc._unipc
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(schedulers.unipc, "_unipc", counting)
+    return calls
+
+
+FUSED_UNIPC = [dict(), dict(prediction_type="v_prediction", beta_schedule="scaled_linear"),
+               dict(prediction_type="sample", timestep_spacing="trailing"),
+               dict(solver_order=1), dict(disable_corrector=[0, 2, 5]),
+               dict(timestep_spacing="leading", steps_offset=1, lower_order_final=True),
+               dict(solver_type="bh1", final_sigmas_type="sigma_min"),
+               dict(lower_order_final=False, final_sigmas_type="sigma_min"),
+               dict(use_karras_sigmas=True), dict(use_exponential_sigmas=True), dict(use_beta_sigmas=True),
+               dict(use_karras_sigmas=True, final_sigmas_type="sigma_min", beta_schedule="scaled_linear"),
+               dict(solver_type="midpoint")]  # diffusers registers it as bh2
+PARENT_UNIPC = [dict(solver_order=3), dict(predict_x0=False), dict(thresholding=True),
+                dict(solver_type="bh1"),  # onto sigma 0 diffusers' bh1 returns NaN: so does ours
+                dict(lower_order_final=False),  # a second-order step onto sigma 0: the same
+                dict(use_flow_sigmas=True, prediction_type="flow_prediction"),
+                dict(rescale_betas_zero_snr=True, prediction_type="v_prediction")]
+
+
+@pytest.mark.parametrize("config", FUSED_UNIPC + PARENT_UNIPC, ids=str)
+def test_which_unipc_settings_take_the_fused_step(unipc_calls, config):
+    """diffusers' loop and ours from the same x_T, every step per step as well: fused settings within
+    DPM_TOLERANCE (measured <= 9e-7 on the CPU), the others are diffusers' own step, bit for bit."""
+    model = LinearModel(4)
+    ours, _ = dpm_loop(fastddpm.UniPCMultistepScheduler(**config), model, 8)
+    theirs, _ = dpm_loop(diffusers.UniPCMultistepScheduler(**config), model, 8)
+    assert len(unipc_calls) == (8 if config in FUSED_UNIPC else 0)
+    if config in PARENT_UNIPC:
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
+        return
+    assert torch.isfinite(ours).all()
+    assert scaled_error(ours[None], theirs[None]) <= DPM_TOLERANCE
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 3, 20])
+def test_unipc_loop_matches_diffusers_at_any_length(unipc_calls, num_steps):
+    model = LinearModel(3)
+    ours, _ = dpm_loop(fastddpm.UniPCMultistepScheduler(), model, num_steps)
+    theirs, _ = dpm_loop(diffusers.UniPCMultistepScheduler(), model, num_steps)
+    assert len(unipc_calls) == num_steps
+    assert scaled_error(ours[None], theirs[None]) <= DPM_TOLERANCE
+
+
+def test_unipc_loops_run_again_after_set_timesteps_and_keep_diffusers_counters(unipc_calls):
+    """A second loop on the same scheduler starts its state from zeros (a stale corrector part would
+    move it); the counters diffusers' code reads afterwards are diffusers'."""
+    model = LinearModel(8)
+    scheduler = fastddpm.UniPCMultistepScheduler()
+    first, _ = dpm_loop(scheduler, model, 6)
+    second, _ = dpm_loop(scheduler, model, 6)
+    assert torch.equal(first, second)
+    reference_scheduler = diffusers.UniPCMultistepScheduler()
+    dpm_loop(reference_scheduler, model, 6)
+    for name in ("step_index", "lower_order_nums", "this_order"):
+        assert getattr(scheduler, name) == getattr(reference_scheduler, name), name
+
+
+def test_unipc_first_step_below_the_top_runs_the_parents_step(unipc_calls):
+    model = LinearModel(6)
+    results = []
+    for cls in (fastddpm.UniPCMultistepScheduler, diffusers.UniPCMultistepScheduler):
+        scheduler = cls()
+        scheduler.set_timesteps(10)
+        scheduler.set_begin_index(4)
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)).to(KERNEL_DEVICE)
+        for t in scheduler.timesteps[4:]:
+            x = scheduler.step(model(x, t), t, x).prev_sample
+        results.append(x.cpu())
+    assert len(unipc_calls) == 0  # the loop's first step is not the chain's: diffusers' steps throughout
+    assert torch.equal(results[0], results[1])
+
+
+def test_a_fused_unipc_loop_takes_a_later_output_in_another_dtype(unipc_calls):
+    model = LinearModel(5)
+    ours, _ = dpm_loop(fastddpm.UniPCMultistepScheduler(), model, 9, dtype_at={3, 4})
+    theirs, _ = dpm_loop(diffusers.UniPCMultistepScheduler(), model, 9)
+    assert len(unipc_calls) == 9
+    assert scaled_error(ours[None], theirs[None]) <= DPM_TOLERANCE
+
+
+def _unet_loop(unet, scheduler, num_steps):
+    """The loop of diffusers' own examples for a scheduler whose step takes no generator (diffusers'
+    DDPMPipeline passes one, which UniPCMultistepScheduler.step refuses, ours as diffusers')."""
+    scheduler.set_timesteps(num_steps)
+    x = torch.randn((2, 3, 8, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t).sample, t, x).prev_sample
+    return x
+
+
+def test_unipc_with_a_unet_matches_diffusers_and_round_trips_in_a_pipeline(tiny_unets, tmp_path, unipc_calls,
+                                                                           monkeypatch):
+    monkeypatch.setenv("FASTDDPM_BACKEND", "interpret")  # the loop runs on the CPU, on any host
+    unet = tiny_unets[3]
+    expected = _unet_loop(unet, diffusers.UniPCMultistepScheduler(), 5)
+    scheduler = fastddpm.UniPCMultistepScheduler()
+    got = _unet_loop(unet, scheduler, 5)
+    assert len(unipc_calls) == 5
+    torch.testing.assert_close(got, expected, atol=1e-5 * expected.abs().max().item(), rtol=0)
+    diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["scheduler"] == ["fastddpm.schedulers", "UniPCMultistepScheduler"]
+    loaded = diffusers.DDPMPipeline.from_pretrained(tmp_path)
+    assert type(loaded.scheduler) is fastddpm.UniPCMultistepScheduler
+    assert public(loaded.scheduler.config) == public(scheduler.config)
+    assert torch.equal(_unet_loop(loaded.unet, loaded.scheduler, 5), got)
+    with pytest.raises(TypeError, match="generator"):  # as diffusers' own scheduler in this pipeline
+        run_pipeline(loaded, num_inference_steps=2)
+    # diffusers' scheduler swap (from_config) works both ways
+    swapped = diffusers.DPMSolverMultistepScheduler.from_config(loaded.scheduler.config)
+    assert type(fastddpm.UniPCMultistepScheduler.from_config(swapped.config)) is fastddpm.UniPCMultistepScheduler

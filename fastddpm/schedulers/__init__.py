@@ -75,13 +75,15 @@ from .common import FUSED_VARIANCE_TYPES, NEGLIGIBLE_LAST_STEP_NOISE  # noqa: F4
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
+from .unipc import UniPCMultistepScheduler
 
 # Each class is defined in its own module and presented as fastddpm.schedulers' (its __module__):
 # diffusers records a pipeline's scheduler by its class's module, and pipelines saved before the
 # package split name ["fastddpm.schedulers", <class>]; both load from here.
-for _cls in (DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler):
+for _cls in (DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler):
     _cls.__module__ = __name__
 del _cls
 
-__all__ = ["DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "DDPMSchedulerOutput",
+__all__ = ["DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+           "DDPMSchedulerOutput",
            "DDIMSchedulerOutput", "SchedulerOutput"]

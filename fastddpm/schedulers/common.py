@@ -318,3 +318,66 @@ class _FusedSteps:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+# what the multistep solvers (DPM-Solver++, UniPC) add: a chain of diffusers' sigmas, the step index
+# ---------------------------------------------------------------------------------------------
+# Sigma schedules other than the plain VP one of the trained alpha_bar (the fused step's chain).
+DPM_SIGMA_SCHEDULES = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
+                       "use_flow_sigmas")
+# Of those, the ones the fused step takes: another chain of noise levels, the same step. The chain's
+# table is built from alpha_bar = 1 / (1 + sigma^2) of diffusers' own sigmas (set_timesteps).
+DPM_FUSED_SIGMA_SCHEDULES = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+
+
+class _SolverChain:
+    """The chain of a multistep solver's own sigmas, and diffusers' step-index rule found on the host."""
+
+    def _sigma_chain(self, final_alpha_cumprod: float = 1.0) -> Optional[NoiseSchedule]:
+        """The chain of diffusers' own sigmas (Karras, exponential, beta): index i is the i-th lowest
+        noise level, alpha_bar = 1 / (1 + sigma^2) as diffusers' ``_sigma_to_alpha_sigma_t`` gives;
+        the last step lands on sigma 0 (x_0). None where the levels do not strictly decrease."""
+        sigmas = self.sigmas.detach().to(device="cpu", dtype=torch.float64)
+        levels = sigmas[:-1]  # the last entry is final_sigmas_type's 0
+        alpha_bar = 1.0 / (1.0 + levels.flip(0) ** 2)
+        try:
+            # the model's timestep at each level: diffusers' own (interpolated from the sigmas), ascending
+            return NoiseSchedule.from_alphas_cumprod(alpha_bar, coefficient_dtype=torch.float32,
+                                                     timesteps=torch.tensor(self._host_timesteps[::-1]),
+                                                     final_alpha_cumprod=final_alpha_cumprod)
+        except ValueError:
+            return None
+
+    def _solver_chain(self, values: List[int]) -> Optional[NoiseSchedule]:
+        """The chain the fused step walks after the parent's ``set_timesteps`` chose ``values``:
+        index i is diffusers' step len - 1 - i, and the last step lands on diffusers' last sigma (0:
+        x_0; sigma_min: alpha_bar = 1 / (1 + sigma_min^2)). The trained levels respaced, or a chain of
+        diffusers' own sigmas (Karras, exponential, beta); None where the timesteps repeat."""
+        ascending = sorted(values)
+        sigma_chain = any(getattr(self.config, name, False) for name in DPM_FUSED_SIGMA_SCHEDULES)
+        if not sigma_chain and not all(a < b for a, b in zip(ascending, ascending[1:])):
+            return None
+        final = 1.0 / (1.0 + float(self.sigmas[-1]) ** 2)
+        return self._sigma_chain(final) if sigma_chain else self._trained.respace(ascending, final_alpha_cumprod=final)
+
+    def _place_chain(self, chain: NoiseSchedule) -> None:
+        """After ``set_timesteps(device=...)``: the chain's table and the index tensors on that device
+        now, so that no step copies anything."""
+        if _off_host(self.timesteps.device):
+            chain.table(self.timesteps.device, torch.float32)
+            self._index_on(0, self.timesteps.device)
+
+    def _init_step_index(self, timestep) -> None:
+        """diffusers' rule (the second match of a repeated timestep, the last step if none),
+        without reading the timestep back where the host knows it."""
+        if self.begin_index is None and (isinstance(timestep, (int, np.integer)) or (
+                isinstance(timestep, torch.Tensor) and timestep.numel() == 1 and not timestep.dtype.is_floating_point
+                and not timestep.dtype.is_complex and timestep.dtype != torch.bool)):
+            t = self._host_timestep(timestep)
+            if t is not None:
+                matches = [k for k, value in enumerate(self._host_timesteps) if value == t]
+                self._step_index = (len(self._host_timesteps) - 1 if not matches
+                                    else matches[1] if len(matches) > 1 else matches[0])
+                return
+        super()._init_step_index(timestep)

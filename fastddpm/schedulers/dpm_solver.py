@@ -12,14 +12,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from .. import ops
 from ..schedule import NoiseSchedule
 from ..step import StepSpec
-from .common import LEARNED_VARIANCE_TYPES, PREDICTION_TYPES, _FusedSteps, _fusable_tensors, _check_tensors, _init_of, _off_host, diffusers
+from .common import DPM_FUSED_SIGMA_SCHEDULES, DPM_SIGMA_SCHEDULES, LEARNED_VARIANCE_TYPES, PREDICTION_TYPES, _FusedSteps, _SolverChain, _fusable_tensors, _check_tensors, _init_of, diffusers
 
-# Sigma schedules other than the plain VP one of the trained alpha_bar (the fused step's chain).
-DPM_SIGMA_SCHEDULES = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
-                       "use_flow_sigmas")
-# Of those, the ones the fused step takes: another chain of noise levels, the same step. The chain's
-# table is built from alpha_bar = 1 / (1 + sigma^2) of diffusers' own sigmas (set_timesteps).
-DPM_FUSED_SIGMA_SCHEDULES = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
 
 
 def _dpmpp_2m(spec: StepSpec, model_output: torch.Tensor, index: torch.Tensor, x: torch.Tensor,
@@ -30,7 +24,7 @@ def _dpmpp_2m(spec: StepSpec, model_output: torch.Tensor, index: torch.Tensor, x
     return ops.dpmpp_2m_step(spec, model_output, index, x, previous_x0, chain)
 
 
-class DPMSolverMultistepScheduler(_FusedSteps, diffusers.DPMSolverMultistepScheduler):
+class DPMSolverMultistepScheduler(_SolverChain, _FusedSteps, diffusers.DPMSolverMultistepScheduler):
     """diffusers' ``DPMSolverMultistepScheduler`` whose ``step`` runs fastddpm's fused
     DPM-Solver++(2M) step (``kernels/dpm_solver.py``; :func:`fastddpm.reference.dpmpp_2m_step`
     off CUDA unless ``FASTDDPM_BACKEND=interpret``).
@@ -85,21 +79,6 @@ class DPMSolverMultistepScheduler(_FusedSteps, diffusers.DPMSolverMultistepSched
         return (config.final_sigmas_type == "zero" or config.euler_at_final
                 or (config.lower_order_final and num_steps < 15))
 
-    def _sigma_chain(self, final_alpha_cumprod: float = 1.0) -> Optional[NoiseSchedule]:
-        """The chain of diffusers' own sigmas (Karras, exponential, beta): index i is the i-th lowest
-        noise level, alpha_bar = 1 / (1 + sigma^2) as diffusers' ``_sigma_to_alpha_sigma_t`` gives;
-        the last step lands on sigma 0 (x_0). None where the levels do not strictly decrease."""
-        sigmas = self.sigmas.detach().to(device="cpu", dtype=torch.float64)
-        levels = sigmas[:-1]  # the last entry is final_sigmas_type's 0
-        alpha_bar = 1.0 / (1.0 + levels.flip(0) ** 2)
-        try:
-            # the model's timestep at each level: diffusers' own (interpolated from the sigmas), ascending
-            return NoiseSchedule.from_alphas_cumprod(alpha_bar, coefficient_dtype=torch.float32,
-                                                     timesteps=torch.tensor(self._host_timesteps[::-1]),
-                                                     final_alpha_cumprod=final_alpha_cumprod)
-        except ValueError:
-            return None
-
     def set_timesteps(self, num_inference_steps: Optional[int] = None, device: Union[str, torch.device, None] = None,
                       mu: Optional[float] = None, timesteps: Optional[List[int]] = None) -> None:
         """diffusers' ``set_timesteps``, then the chain the fused step walks (on ``device``)."""
@@ -109,34 +88,11 @@ class DPMSolverMultistepScheduler(_FusedSteps, diffusers.DPMSolverMultistepSched
             lambda: super(DPMSolverMultistepScheduler, self).set_timesteps(num_inference_steps, None, mu, timesteps),
             device)
         self._chain = None
-        ascending = sorted(values)
-        sigma_chain = any(getattr(self.config, name, False) for name in DPM_FUSED_SIGMA_SCHEDULES)
-        if self._fused_settings() and self._last_step_first_order(len(values)) \
-                and (sigma_chain or all(a < b for a, b in zip(ascending, ascending[1:]))):
-            # index i of the chain is diffusers' step len - 1 - i; its last step lands on diffusers' last
-            # sigma (0: x_0; sigma_min: alpha_bar = 1 / (1 + sigma_min^2))
-            final = 1.0 / (1.0 + float(self.sigmas[-1]) ** 2)
-            self._chain = (self._sigma_chain(final) if sigma_chain
-                           else self._trained.respace(ascending, final_alpha_cumprod=final))
+        if self._fused_settings() and self._last_step_first_order(len(values)):
+            self._chain = self._solver_chain(values)
         if self._chain is not None:
             self._spec = StepSpec("dpmpp_2m", self.config.prediction_type, "fixed_small", None)
-            if _off_host(self.timesteps.device):
-                self._chain.table(self.timesteps.device, torch.float32)
-                self._index_on(0, self.timesteps.device)
-
-    def _init_step_index(self, timestep) -> None:
-        """diffusers' rule (the second match of a repeated timestep, the last step if none),
-        without reading the timestep back where the host knows it."""
-        if self.begin_index is None and (isinstance(timestep, (int, np.integer)) or (
-                isinstance(timestep, torch.Tensor) and timestep.numel() == 1 and not timestep.dtype.is_floating_point
-                and not timestep.dtype.is_complex and timestep.dtype != torch.bool)):
-            t = self._host_timestep(timestep)
-            if t is not None:
-                matches = [k for k, value in enumerate(self._host_timesteps) if value == t]
-                self._step_index = (len(self._host_timesteps) - 1 if not matches
-                                    else matches[1] if len(matches) > 1 else matches[0])
-                return
-        super()._init_step_index(timestep)
+            self._place_chain(self._chain)
 
     def _previous_x0(self, sample: torch.Tensor, first_order: bool) -> torch.Tensor:
         """The device buffer the op reads D0_prev from and writes D0 to, holding the parent's
