@@ -1,4 +1,4 @@
-"""Sample quality against step count on the shipped digits model: DDPM, DDIM and DPM-Solver++(2M).
+"""Sample quality against step count on the shipped digits model: DDPM, DDIM, DPM-Solver++(2M) and UniPC.
 
     python benchmarks/quality_vs_steps.py [--samples 300] [--seeds 0 1 2] [--out DIR]
 
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-PLAN = {"ddpm": (1000,), "ddim": (10, 20, 50, 100, 1000), "dpmpp_2m": (10, 20, 50, 100, 1000)}
+PLAN = {"ddpm": (1000,), "ddim": (5, 10, 20, 50), "dpmpp_2m": (5, 10, 20, 50), "unipc": (5, 10, 20, 50)}
 
 
 def main(argv=None) -> int:

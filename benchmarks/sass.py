@@ -30,7 +30,6 @@ checker (``check_budgets``) can be imported anywhere.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import importlib
 import inspect
@@ -43,150 +42,24 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
 DEFAULT_OUT = HERE / "results" / "static"
-BUDGETS_PATH = HERE / "sass_budgets.json"
 ARCH = 90
 WARP_SIZE = 32
 EXIT_NO_TOOLCHAIN = 77  # automake's "skipped"
-DEFAULT_MARGIN = 0.15
-
-# ---------------------------------------------------------------------------------------------
-# variants
-# ---------------------------------------------------------------------------------------------
-# One representative launch per row. ``build(torch, dtype, launcher)`` returns the launcher's (args, kwargs)
-# on CPU tensors; ``reads``/``writes`` count the per-element tensors the launch streams (the
-# byte model of benchmarks/README.md) and give the number of 128-bit accesses to expect.
-# ``per_program`` names the constexprs whose product is the elements one program handles.
-
-BATCH, CHANNELS, HEIGHT, WIDTH = 16, 4, 32, 32  # 64K elements, 4096 a sample: every size a multiple of 16
-T_STEP = 500
-EMBED_BATCH, EMBED_DIM = 128, 128  # the DDPM CIFAR-10 UNet's time-embedding width
-
-# Launcher keywords the compiled path of fastddpm.ops passes (fastddpm.ops: fast_math=True on the
-# triton backend); a keyword the launcher does not take is left out and the report says so.
-OPS_KWARGS = {"fast_math": True}
-# Launcher keywords for in-kernel noise: int64 scalar tensors, passed where the launcher takes them.
-NOISE_SCALARS = {"seed": 1234, "noise_offset": 7, "index_base": 0}
 
 
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    name: str
-    module: str  # kernels/<module>.py
-    kernel: str  # the @triton.jit function the launcher starts
-    launcher: str
-    dtype: str  # storage dtype of the streamed tensors
-    build: Callable  # (torch, torch dtype, launcher) -> (args, kwargs) of the launcher
-    reads: int
-    writes: int
-    per_program: Tuple[str, ...] = ("BLOCK",)
-    description: str = ""
-
-
-def _schedule_table(torch):
-    from fastddpm.schedule import NoiseSchedule
-
-    return NoiseSchedule.linear(1000).table("cpu", torch.float32)
-
-
-def _noise_kwargs(torch, launcher):
-    taken = inspect.signature(launcher).parameters
-    return {name: torch.tensor(value, dtype=torch.int64) for name, value in NOISE_SCALARS.items() if name in taken}
-
-
-def _step(sampler="ddpm", variance_type="fixed_small", eta=0.0, given_noise=False, learned=False):
-    def build(torch, dtype, launcher):
-        x = torch.randn(BATCH, CHANNELS, HEIGHT, WIDTH).to(dtype)
-        model_output = torch.randn(BATCH, 2 * CHANNELS if learned else CHANNELS, HEIGHT, WIDTH).to(dtype)
-        t = torch.tensor(T_STEP, dtype=torch.int64)
-        from fastddpm.step import StepSpec
-
-        spec = StepSpec(sampler, "epsilon", variance_type, clip_range=1.0, eta=eta)
-        kwargs = dict(out=torch.empty_like(x), pred_x0_out=None)
-        if spec.adds_noise and given_noise:
-            kwargs["noise"] = torch.randn(x.shape).to(dtype)
-        elif spec.adds_noise:
-            kwargs.update(_noise_kwargs(torch, launcher))
-        return (spec, model_output, t, x, _schedule_table(torch)), kwargs
-
-    return build
-
-
-def _q_sample(given_noise=False):
-    def build(torch, dtype, launcher):
-        x0 = torch.randn(BATCH, CHANNELS, HEIGHT, WIDTH).to(dtype)
-        t = torch.arange(BATCH, dtype=torch.int64) * 50  # one timestep per sample, as in training
-        kwargs = dict(out=torch.empty_like(x0))
-        if given_noise:
-            kwargs["noise"] = torch.randn(x0.shape).to(dtype)
-        else:  # fastddpm.ops returns eps, so the kernel writes it
-            kwargs.update(_noise_kwargs(torch, launcher), noise_out=torch.empty_like(x0))
-        return (x0, t, _schedule_table(torch)), kwargs
-
-    return build
-
-
-def _dpmpp_2m(torch, dtype, launcher):
-    from fastddpm.step import StepSpec
-
-    x = torch.randn(BATCH, CHANNELS, HEIGHT, WIDTH).to(dtype)
-    spec = StepSpec("dpmpp_2m", clip_range=None)
-    args = (spec, torch.randn(x.shape).to(dtype), torch.tensor(T_STEP, dtype=torch.int64), x,
-            torch.randn(x.shape).to(dtype), _schedule_table(torch))
-    return args, dict(out=torch.empty_like(x))
-
-
-def _unipc(torch, dtype, launcher):
-    from fastddpm.reference import UniPC
-    from fastddpm.schedule import NoiseSchedule
-    from fastddpm.step import StepSpec
-
-    x = torch.randn(BATCH, CHANNELS, HEIGHT, WIDTH).to(dtype)
-    chain = NoiseSchedule.linear(1000).respace_evenly(20)
-    spec = StepSpec("unipc", clip_range=None)
-    args = (spec, torch.randn(x.shape).to(dtype), torch.tensor(10, dtype=torch.int64), x,
-            torch.randn(x.shape).to(dtype), torch.randn(x.shape).to(dtype), chain.table("cpu", torch.float32),
-            UniPC().table(chain, "cpu"))
-    return args, dict(out=torch.empty_like(x))
-
-
-def _embedding(torch, dtype, launcher):
-    return (torch.arange(EMBED_BATCH, dtype=torch.int64) * 7, EMBED_DIM), {}
-
-
-def _step_variants(prefix, description, build, dtypes, reads=2, writes=1):
-    return [Variant(f"{prefix}.{d}", "reverse_step", "_reverse_step_kernel", "reverse_step", d, build, reads, writes,
-                    description=description) for d in dtypes]
-
-
-ALL_DTYPES = ("fp32", "bf16", "fp16")
-VARIANTS: List[Variant] = [
-    *_step_variants("ddpm.philox", "sampling-loop step: DDPM, epsilon, fixed_small, clip, in-kernel noise, "
-                    "no x0 write, scalar t", _step(), ALL_DTYPES),
-    *_step_variants("ddpm.noise", "the same with a given noise tensor", _step(given_noise=True), ALL_DTYPES,
-                    reads=3),
-    *_step_variants("ddim.eta0", "DDIM eta=0 (no noise), epsilon, clip, scalar t", _step(sampler="ddim"),
-                    ("fp32", "bf16")),
-    *_step_variants("ddpm.learned_range.philox", "DDPM learned_range (model output has 2C channels), "
-                    "in-kernel noise", _step(variance_type="learned_range", learned=True), ("fp32",), reads=3),
-    *[Variant(f"q_sample.philox.{d}", "q_sample", "_q_sample_kernel", "q_sample", d, _q_sample(), 1, 2,
-              description="training q_sample: t per sample, in-kernel noise, eps written") for d in ("fp32", "bf16")],
-    Variant("q_sample.noise.fp32", "q_sample", "_q_sample_kernel", "q_sample", "fp32", _q_sample(given_noise=True),
-            2, 1, description="training q_sample: t per sample, given noise"),
-    *[Variant(f"dpmpp_2m.{d}", "dpm_solver", "_dpmpp_2m_kernel", "dpmpp_2m", d, _dpmpp_2m, 3, 2,
-              description="DPM-Solver++(2M) step: epsilon, no clip, scalar t; writes x_prev and x0")
-      for d in ("fp32", "bf16")],
-    *[Variant(f"unipc.{d}", "unipc", "_unipc_kernel", "unipc", d, _unipc, 4, 3,
-              description="UniPC bh2 step (corrector + predictor): epsilon, no clip, scalar t; writes x_prev, "
-                          "the corrector's part and x0") for d in ("fp32", "bf16")],
-    Variant(f"embedding.dim{EMBED_DIM}", "timestep_embedding", "_timestep_embedding_kernel", "timestep_embedding",
-            "fp32", _embedding, 0, 1, per_program=("BLOCK_B", "BLOCK_D"),
-            description=f"sinusoidal embedding, {EMBED_BATCH} timesteps x {EMBED_DIM}"),
-]
+# The pieces, each a module beside this one: the variants compiled, what is counted in a compiled
+# kernel, and the budgets held. Their names are this module's too (tests and callers read them here).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sass_budgets import (BUDGET_DOC, BUDGETS_PATH, DEFAULT_MARGIN, check_budgets, load_budgets,  # noqa: E402,F401
+                          minor_version, updated_budgets)
+from sass_counts import (count_sass, expected_128, memory_widths, parse_sass, ptx_widths,  # noqa: E402,F401
+                         ptxas_verbose, resource_usage, split_hot)
+from sass_variants import OPS_KWARGS, VARIANTS, Variant  # noqa: E402,F401
 
 # ---------------------------------------------------------------------------------------------
 # toolchain
@@ -402,151 +275,6 @@ def compile_args(kernel, args, kwargs, backend):
 
 
 # ---------------------------------------------------------------------------------------------
-# what the compiled kernel holds
-# ---------------------------------------------------------------------------------------------
-_SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", re.MULTILINE)
-_PTX_MEM = re.compile(r"^\s*(?:@!?%?\w+\s+)?(ld|st)\.global((?:\.\w+)*)\s", re.MULTILINE)
-
-
-def parse_sass(text: str) -> List[Tuple[int, bool, str]]:
-    """(address, predicated, instruction without its predicate) of every SASS instruction in
-    ``cuobjdump -sass`` output of one function."""
-    out = []
-    for address, body in _SASS_LINE.findall(text):
-        body = body.strip()
-        predicate = re.match(r"@!?U?P[T\d]+\s+", body)
-        out.append((int(address, 16), predicate is not None, body[predicate.end():] if predicate else body))
-    return out
-
-
-def _opcode(instruction: str) -> str:
-    parts = instruction.split()
-    return parts[0].split(".")[0] if parts else ""
-
-
-def split_hot(instructions: List[Tuple[int, bool, str]]):
-    """(counted, hot) instruction lists of one function: see ``count_sass``."""
-    exits = [i for i, (_, _, ins) in enumerate(instructions) if _opcode(ins) == "EXIT"]
-    body = instructions[: exits[-1] + 1] if exits else instructions
-    body = [(a, p, ins) for a, p, ins in body if _opcode(ins) != "NOP"]
-    conditional = set()
-    for address, predicated, ins in body:
-        target = re.search(r"0x([0-9a-f]+)", ins) if _opcode(ins) == "BRA" else None
-        conditional_branch = predicated or re.search(r"\s!?U?P[0-6]\b", ins)
-        if target and conditional_branch and int(target.group(1), 16) > address:
-            end = int(target.group(1), 16)
-            conditional.update(a for a, _, _ in body if address < a < end)
-    return body, [(a, p, ins) for a, p, ins in body if a not in conditional]
-
-
-def count_sass(instructions: List[Tuple[int, bool, str]]) -> Dict:
-    """How instructions are counted (static count of the cubin's SASS, per thread).
-
-    ``counted``: every instruction of the function from its entry up to and including its last
-    ``EXIT``, without ``NOP`` (alignment padding); the ``BRA`` to itself that ptxas puts after the
-    last ``EXIT`` is never executed. ``hot``: ``counted`` without the instructions a predicated
-    forward ``BRA`` can jump over (conditional code: in these kernels only the slow paths of
-    libdevice functions, such as sin/cos's Payne-Hanek reduction for |x| >= 105615, which sits
-    between a ``BSSY`` and the ``BSYNC`` the branch targets). The elementwise kernels have no
-    branches at all (masks become predicates), so ``hot`` = ``counted`` is what every thread
-    executes once. ``loops``: backward branches outside conditional code (a loop on the hot path,
-    counted once: there are none today). ``instr_per_elem`` = ``hot`` / elements per thread
-    (elements per program / (num_warps * 32)).
-    """
-    body, hot = split_hot(instructions)
-    loops = sum(1 for a, _, ins in hot if _opcode(ins) == "BRA"
-                and (t := re.search(r"0x([0-9a-f]+)", ins)) and int(t.group(1), 16) < a)
-    histogram: Dict[str, int] = {}
-    for _, _, ins in hot:
-        histogram[_opcode(ins)] = histogram.get(_opcode(ins), 0) + 1
-    return dict(counted=len(body), hot=len(hot), conditional=len(body) - len(hot),
-                branches=sum(1 for _, _, ins in body if _opcode(ins) == "BRA"), loops=loops,
-                hot_opcodes=dict(sorted(histogram.items(), key=lambda kv: (-kv[1], kv[0]))))
-
-
-def memory_widths(instructions: List[Tuple[int, str]]) -> Dict[str, Dict[str, int]]:
-    """Global loads (LDG) and stores (STG) by access width in bits."""
-    result = {"LDG": {}, "STG": {}}
-    for _, _, ins in instructions:
-        parts = ins.split()[0].split(".") if ins.split() else [""]
-        if parts[0] not in result:
-            continue
-        bits = 32
-        for part in parts[1:]:
-            if part in ("128", "64", "256"):
-                bits = int(part)
-            elif part in ("U16", "S16"):
-                bits = 16
-            elif part in ("U8", "S8"):
-                bits = 8
-        key = str(bits)
-        result[parts[0]][key] = result[parts[0]].get(key, 0) + 1
-    return result
-
-
-def ptx_widths(ptx: str) -> Dict[str, Dict[str, int]]:
-    """``ld.global`` / ``st.global`` in the PTX by access width in bits (vector x element)."""
-    result = {"ld": {}, "st": {}}
-    for op, suffix in _PTX_MEM.findall(ptx):
-        parts = suffix.strip(".").split(".")
-        vector = 1
-        bits = 32
-        for part in parts:
-            if part in ("v2", "v4", "v8"):
-                vector = int(part[1:])
-            elif re.fullmatch(r"[bsuf](8|16|32|64)", part):
-                bits = int(part[1:])
-        key = str(vector * bits)
-        result[op][key] = result[op].get(key, 0) + 1
-    return result
-
-
-def resource_usage(cuobjdump: str, cubin_path: str) -> Dict[str, int]:
-    text = subprocess.run([cuobjdump, "-res-usage", cubin_path], capture_output=True, text=True, check=True).stdout
-    usage = {}
-    for key, value in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text):
-        usage[key.lower()] = int(value)
-    return usage
-
-
-def ptxas_verbose(tools: Dict, ptx: str, fp_fusion: bool, ptx_options: Optional[str]) -> Dict[str, int]:
-    """Registers and spill bytes from ``ptxas -v`` on the kernel's PTX, with the flags Triton's
-    make_cubin passes (``--fmad=false`` without FP fusion, ``--regAllocOptLevel=2`` where that
-    Triton passes it, ``ptx_options``)."""
-    from triton.backends.nvidia import compiler as nv
-
-    try:
-        extra = ["--regAllocOptLevel=2"] if "--regAllocOptLevel=2" in inspect.getsource(nv.CUDABackend.make_cubin) \
-            else []
-    except (OSError, TypeError):  # pragma: no cover
-        extra = []
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "kernel.ptx")
-        Path(src).write_text(ptx)
-        cmd = [tools["ptxas"], "-lineinfo", *([] if fp_fusion else ["--fmad=false"]), "-v", *extra,
-               *(ptx_options.split() if ptx_options else []), f"--gpu-name={tools['gpu_name']}", src,
-               "-o", os.path.join(tmp, "kernel.o")]
-        log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
-    info = {}
-    match = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    if match:
-        info.update(stack_frame=int(match.group(1)), spill_stores=int(match.group(2)), spill_loads=int(match.group(3)))
-    match = re.search(r"Used (\d+) registers", log)
-    if match:
-        info["registers"] = int(match.group(1))
-    if "spill_stores" not in info or "registers" not in info:
-        raise RuntimeError(f"unexpected ptxas -v output:\n{log}")
-    return info
-
-
-def expected_128(streams: int, elements_per_thread: int, itemsize: int) -> int:
-    """128-bit accesses ``streams`` contiguous tensors need per thread (0: a thread's share is
-    smaller than 16 bytes, so 128-bit accesses are impossible)."""
-    per_thread = elements_per_thread * itemsize
-    return streams * (per_thread // 16) if per_thread >= 16 and per_thread % 16 == 0 else 0
-
-
-# ---------------------------------------------------------------------------------------------
 # one variant
 # ---------------------------------------------------------------------------------------------
 _ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -758,123 +486,6 @@ def write_report(report: Dict, out_dir: Path) -> Tuple[Path, Path]:
     json_path.write_text(json.dumps(report, indent=1, sort_keys=False) + "\n")
     md_path.write_text(markdown(report))
     return json_path, md_path
-
-
-# ---------------------------------------------------------------------------------------------
-# budgets (pure functions: no triton, no torch)
-# ---------------------------------------------------------------------------------------------
-
-
-BUDGET_DOC = (
-    "Budgets of benchmarks/sass.py, held by tests/test_sass_budgets.py and `sass.py --check`. Per variant and "
-    "Triton minor version: max_instr_per_elem = measured hot-path SASS instructions per element + margin; "
-    "min_ldg128/min_stg128 = 128-bit global loads/stores per thread (what the streamed tensors need, or what "
-    "the kernel does where it falls short: then 'gap' says so); max_global_accesses = LDG+STG instructions "
-    "per thread on the hot path (catches narrower or extra accesses); max_shared_bytes = shared memory as "
-    "measured (an elementwise kernel that needs any is converting layouts through it). max_spill_bytes "
-    "holds everywhere. A "
-    "Triton version without an entry is held to the loosest recorded version. Regenerate with "
-    "`python benchmarks/sass.py --update-budgets` after a deliberate kernel change and review the diff."
-)
-_LOOSEST = dict(max_instr_per_elem=max, min_ldg128=min, min_stg128=min, max_global_accesses=max,
-                max_shared_bytes=max)
-
-
-def minor_version(version: str) -> str:
-    return ".".join(version.split(".")[:2])
-
-
-def _budget_for(entry: Dict, version: str) -> Tuple[Optional[Dict], str]:
-    """This Triton version's budget of one variant, else the loosest of the recorded versions."""
-    versions = {k: v for k, v in entry.items() if isinstance(v, dict)}
-    if minor_version(version) in versions:
-        return versions[minor_version(version)], f"triton {minor_version(version)}"
-    if not versions:
-        return None, ""
-    loosest = {key: pick(v[key] for v in versions.values() if key in v) for key, pick in _LOOSEST.items()
-               if any(key in v for v in versions.values())}
-    return loosest, "loosest of triton " + ", ".join(sorted(versions))
-
-
-def check_budgets(report: Dict, budgets: Dict) -> List[str]:
-    """Every way ``report`` breaks ``budgets``, one line each (empty: all held)."""
-    problems = []
-    version = report["meta"]["triton"]
-    entries = budgets.get("variants", {})
-    max_spill = budgets.get("max_spill_bytes", 0)
-    names = set()
-    for row in report["variants"]:
-        name = row["name"]
-        names.add(name)
-        if "error" in row:
-            problems.append(f"{name}: did not compile: {row['error']}")
-            continue
-        spilled = row["spill_stores"] + row["spill_loads"]
-        if spilled > max_spill:
-            problems.append(f"{name}: spills {row['spill_stores']} B stores / {row['spill_loads']} B loads "
-                            f"(budget {max_spill} B)")
-        budget, source = _budget_for(entries.get(name, {}), version)
-        if budget is None:
-            problems.append(f"{name}: no budget in sass_budgets.json (python benchmarks/sass.py --update-budgets)")
-            continue
-        if "max_instr_per_elem" in budget and row["instr_per_elem"] > budget["max_instr_per_elem"]:
-            problems.append(f"{name}: {row['instr_per_elem']} SASS instructions per element, budget "
-                            f"{budget['max_instr_per_elem']} ({source})")
-        if row["ldg128"] < budget.get("min_ldg128", 0):
-            problems.append(f"{name}: {row['ldg128']} 128-bit global loads per thread, budget >= "
-                            f"{budget['min_ldg128']} ({source}; loads by width in bits: {row['sass_mem']['LDG']})")
-        if row["stg128"] < budget.get("min_stg128", 0):
-            problems.append(f"{name}: {row['stg128']} 128-bit global stores per thread, budget >= "
-                            f"{budget['min_stg128']} ({source}; stores by width in bits: {row['sass_mem']['STG']})")
-        if "max_global_accesses" in budget and row["global_accesses"] > budget["max_global_accesses"]:
-            problems.append(f"{name}: {row['global_accesses']} global load/store instructions per thread, budget "
-                            f"{budget['max_global_accesses']} ({source}; loads {row['sass_mem']['LDG']}, "
-                            f"stores {row['sass_mem']['STG']})")
-        if "max_shared_bytes" in budget and row["shared_bytes"] > budget["max_shared_bytes"]:
-            problems.append(f"{name}: {row['shared_bytes']} B shared memory, budget {budget['max_shared_bytes']} B "
-                            f"({source}; in an elementwise kernel that is a layout conversion through shared memory)")
-    for name in sorted(set(entries) - names):
-        problems.append(f"{name}: budget for a variant sass.py does not measure (remove it from sass_budgets.json)")
-    return problems
-
-
-def updated_budgets(report: Dict, budgets: Optional[Dict], margin: float = DEFAULT_MARGIN) -> Dict:
-    """``budgets`` with this report's Triton version set from its measurements (other versions
-    kept): instructions per element + ``margin``; 128-bit loads/stores as many as the streamed
-    tensors need, or what the kernel does where it falls short (``gap`` says so); global
-    accesses as measured. Variants that no longer exist are dropped."""
-    budgets = json.loads(json.dumps(budgets or {}))
-    budgets["_doc"] = BUDGET_DOC
-    budgets.setdefault("max_spill_bytes", 0)
-    budgets["margin"] = margin
-    version = minor_version(report["meta"]["triton"])
-    entries = budgets.get("variants", {})
-    entries = {name: entry for name, entry in entries.items() if name in {row["name"] for row in report["variants"]}}
-    for row in report["variants"]:
-        if "error" in row:
-            continue
-        gaps = [f"{row[kind]} of the {row[f'{kind}_expected']} 128-bit {what} the streamed tensors need"
-                for kind, what in (("ldg128", "loads"), ("stg128", "stores")) if row[kind] < row[f"{kind}_expected"]]
-        if row["shared_bytes"]:
-            gaps.append(f"{row['shared_bytes']} B shared memory (a layout conversion through shared memory)")
-        budget = dict(
-            max_instr_per_elem=round(row["instr_per_elem"] * (1 + margin), 1),
-            min_ldg128=min(row["ldg128"], row["ldg128_expected"]),
-            min_stg128=min(row["stg128"], row["stg128_expected"]),
-            max_global_accesses=row["global_accesses"],
-            max_shared_bytes=row["shared_bytes"],
-            measured_instr_per_elem=row["instr_per_elem"],
-        )
-        if gaps:
-            budget["gap"] = "; ".join(gaps) + f" (triton {report['meta']['triton']})"
-        entries.setdefault(row["name"], {})[version] = budget
-    budgets["variants"] = {name: dict(sorted(entries[name].items())) for name in sorted(entries)}
-    return {key: budgets[key] for key in ("_doc", "max_spill_bytes", "margin", "variants")} | {
-        k: v for k, v in budgets.items() if k not in ("_doc", "max_spill_bytes", "margin", "variants")}
-
-
-def load_budgets(path: Path = BUDGETS_PATH) -> Dict:
-    return json.loads(Path(path).read_text()) if Path(path).exists() else {}
 
 
 # ---------------------------------------------------------------------------------------------
