@@ -172,7 +172,7 @@ def record_launch(variant: Variant):
     launcher = getattr(module, variant.launcher, None)
     if kernel is None or launcher is None:
         raise VariantError(f"{where} has no {variant.kernel if kernel is None else variant.launcher}: "
-                           "update VARIANTS in benchmarks/sass.py")
+                           "update VARIANTS in benchmarks/sass_variants.py")
     if not isinstance(kernel, JITFunction):
         raise VariantError(f"{where}:{variant.kernel} is a {type(kernel).__name__}, not a JITFunction: the kernels "
                            "were imported with TRITON_INTERPRET set; run sass.py in a fresh process without it")
@@ -187,12 +187,12 @@ def record_launch(variant: Variant):
         launcher(*args, **kwargs)
     except Exception as exc:
         raise VariantError(f"calling {where}:{variant.launcher} for {variant.name} failed ({type(exc).__name__}: "
-                           f"{exc}); the launcher's arguments changed: update VARIANTS in benchmarks/sass.py") from exc
+                           f"{exc}); the launcher's arguments changed: update VARIANTS in benchmarks/sass_variants.py") from exc
     finally:
         setattr(module, variant.kernel, kernel)
     if len(recorder.launches) != 1:
         raise VariantError(f"{where}:{variant.launcher} launched {variant.kernel} {len(recorder.launches)} times "
-                           "for one call (expected once): update VARIANTS in benchmarks/sass.py")
+                           "for one call (expected once): update VARIANTS in benchmarks/sass_variants.py")
     _, launch_args, launch_kwargs = recorder.launches[0]
     launcher_kwargs = {k: _describe(v) for k, v in kwargs.items()}
     return kernel, launch_args, launch_kwargs, dict(source=_shown_path(module.__file__),
@@ -308,7 +308,7 @@ def measure(variant: Variant, tools: Dict, cache: Dict) -> Dict:
     for name in variant.per_program:
         if name not in constexprs:
             raise VariantError(f"{variant.kernel} has no constexpr {name} (per_program of {variant.name}): "
-                               "update VARIANTS in benchmarks/sass.py")
+                               "update VARIANTS in benchmarks/sass_variants.py")
         per_program *= int(constexprs[name])
     threads = row["num_warps"] * WARP_SIZE
     elements = max(per_program // threads, 1)
