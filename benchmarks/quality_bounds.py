@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # What the test runs: (sampler, steps) cases, samples a seed, the seeds of the test's triple.
-CASES = (("dpmpp_2m", 20), ("ddpm", 100))
+CASES = (("unipc", 20), ("dpmpp_2m", 20), ("ddpm", 100))
 NUM_SAMPLES = 500
 SEEDS = (0, 1, 2)
 # The rule: bounds at the mean over triples -/+ SPREAD standard deviations.

@@ -83,14 +83,23 @@ def _q_sample(given_noise=False):
     return build
 
 
-def _dpmpp_2m(torch, dtype, launcher):
-    from fastddpm.step import StepSpec
+def _dpmpp_2m(sde=False):
+    def build(torch, dtype, launcher):
+        from fastddpm.reference import dpmpp_table
+        from fastddpm.schedule import NoiseSchedule
+        from fastddpm.step import StepSpec
 
-    x = torch.randn(BATCH, CHANNELS, HEIGHT, WIDTH).to(dtype)
-    spec = StepSpec("dpmpp_2m", clip_range=None)
-    args = (spec, torch.randn(x.shape).to(dtype), torch.tensor(T_STEP, dtype=torch.int64), x,
-            torch.randn(x.shape).to(dtype), _schedule_table(torch))
-    return args, dict(out=torch.empty_like(x))
+        x = torch.randn(BATCH, CHANNELS, HEIGHT, WIDTH).to(dtype)
+        chain = NoiseSchedule.linear(1000).respace_evenly(20)
+        spec = StepSpec("dpmpp_2m_sde" if sde else "dpmpp_2m", clip_range=None)
+        args = (spec, torch.randn(x.shape).to(dtype), torch.tensor(10, dtype=torch.int64), x,
+                torch.randn(x.shape).to(dtype), chain.table("cpu", torch.float32), dpmpp_table(chain, "cpu", sde))
+        kwargs = dict(out=torch.empty_like(x))
+        if sde:
+            kwargs.update(_noise_kwargs(torch, launcher))
+        return args, kwargs
+
+    return build
 
 
 def _unipc(torch, dtype, launcher):
@@ -130,9 +139,12 @@ VARIANTS: List[Variant] = [
               description="training q_sample: t per sample, in-kernel noise, eps written") for d in ("fp32", "bf16")],
     Variant("q_sample.noise.fp32", "q_sample", "_q_sample_kernel", "q_sample", "fp32", _q_sample(given_noise=True),
             2, 1, description="training q_sample: t per sample, given noise"),
-    *[Variant(f"dpmpp_2m.{d}", "dpm_solver", "_dpmpp_2m_kernel", "dpmpp_2m", d, _dpmpp_2m, 3, 2,
+    *[Variant(f"dpmpp_2m.{d}", "dpm_solver", "_dpmpp_2m_kernel", "dpmpp_2m", d, _dpmpp_2m(), 3, 2,
               description="DPM-Solver++(2M) step: epsilon, no clip, scalar t; writes x_prev and x0")
       for d in ("fp32", "bf16")],
+    *[Variant(f"dpmpp_2m_sde.philox.{d}", "dpm_solver", "_dpmpp_2m_kernel", "dpmpp_2m", d, _dpmpp_2m(sde=True), 3, 2,
+              description="DPM-Solver++(2M) SDE step: epsilon, no clip, scalar t, in-kernel noise; writes x_prev "
+                          "and x0") for d in ("fp32", "bf16")],
     *[Variant(f"unipc.{d}", "unipc", "_unipc_kernel", "unipc", d, _unipc, 4, 3,
               description="UniPC bh2 step (corrector + predictor): epsilon, no clip, scalar t; writes x_prev, "
                           "the corrector's part and x0") for d in ("fp32", "bf16")],

@@ -189,7 +189,7 @@ def _step_case(impl, shape, dtype, device, generator):
 
 def _dpmpp_case(impl, shape, dtype, device, generator):
     """A mid-chain second-order step of a 20-step chain (diffusers' default spacing)."""
-    from fastddpm import NoiseSchedule, ops
+    from fastddpm import NoiseSchedule, ops, reference
     from fastddpm.samplers import SAMPLERS
     from fastddpm.step import StepSpec
 
@@ -217,9 +217,9 @@ def _dpmpp_case(impl, shape, dtype, device, generator):
     if impl == "fastddpm":
         spec = StepSpec("dpmpp_2m", clip_range=None)
         kernels = ops.kernel_module("dpm_solver", interpret=False)
-        table = chain.table(device, torch.float32)
+        table, solver_table = chain.table(device, torch.float32), reference.dpmpp_table(chain, device)
         out = torch.empty_like(x_t)
-        return lambda: kernels.dpmpp_2m(spec, model_output, index, x_t, previous, table, out=out)
+        return lambda: kernels.dpmpp_2m(spec, model_output, index, x_t, previous, table, solver_table, out=out)
     fn = _compiled(reference_dpmpp_2m) if impl == "compile" else reference_dpmpp_2m
     index_vector = index.reshape(1)
     return lambda: fn(model_output, index_vector, x_t, previous, chain)

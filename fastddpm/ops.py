@@ -311,6 +311,8 @@ def q_sample(
 register_rule("ddpm", StepRule(always_noisy=True, noise_at_last_index=False, reads_model_variance=True))
 register_rule("ddim", StepRule(takes_eta=True))
 register_rule("dpmpp_2m", StepRule())
+# DPM-Solver++(2M) SDE: noise at every step; none at the last, onto x_0 (its noise coefficient is 0)
+register_rule("dpmpp_2m_sde", StepRule(always_noisy=True, noise_at_last_index=False))
 register_rule("unipc", StepRule())  # UniPC: deterministic
 
 
@@ -396,6 +398,9 @@ def _check_contiguous_state(**named) -> None:
             raise ValueError(f"{name} must be contiguous (the kernel overwrites it in place)")
 
 
+DPMPP_SAMPLERS = ("dpmpp_2m", "dpmpp_2m_sde")  # the rules dpmpp_2m_step implements
+
+
 def dpmpp_2m_step(
     spec: StepSpec,
     model_output: torch.Tensor,
@@ -404,30 +409,43 @@ def dpmpp_2m_step(
     previous_x0: torch.Tensor,
     schedule: NoiseSchedule,
     *,
+    noise: Optional[torch.Tensor] = None,
+    seed=None,
+    noise_offset=0,
+    index_base=0,
     out: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     """One DPM-Solver++(2M) step from chain index ``t`` (:func:`fastddpm.reference.dpmpp_2m_step`,
     ``kernels/dpm_solver.py``): returns x_{t-1} and overwrites ``previous_x0`` (x_t's shape, dtype
     and device; D0 of the step before, ignored where the step is first order) with this step's
-    predicted x_0. ``spec.sampler`` must be ``"dpmpp_2m"``; ``out`` may be ``x_t``. Deterministic."""
-    if isinstance(spec, StepSpec) and spec.sampler != "dpmpp_2m":
-        raise ValueError(f"spec.sampler must be 'dpmpp_2m' for dpmpp_2m_step, got {spec.sampler!r}")
+    predicted x_0. ``spec.sampler`` is ``"dpmpp_2m"`` (deterministic) or ``"dpmpp_2m_sde"`` (its SDE
+    variant: ``noise``, or the Philox stream of ``seed`` / ``noise_offset`` / ``index_base`` as
+    :func:`step` takes them); ``out`` may be ``x_t``."""
+    if isinstance(spec, StepSpec) and spec.sampler not in DPMPP_SAMPLERS:
+        raise ValueError(f"spec.sampler must be one of {DPMPP_SAMPLERS} for dpmpp_2m_step, got {spec.sampler!r}")
     schedule, t_index = _check_step_args(spec, model_output, t, x_t, schedule)
     _check_state("previous_x0", previous_x0, x_t)
     if t_index.ndim != 0:
         raise ValueError(f"t must be one chain index (a scalar) for dpmpp_2m_step, got shape {tuple(t_index.shape)}")
+    _check_noise(noise, x_t, seed, noise_offset, index_base, needed=spec.adds_noise)
     _check_out("out", out, x_t)
     chosen = resolve_backend(backend, x_t.device, x_t.dtype)
+    noise = noise if spec.adds_noise else None
     if chosen == "reference":
-        x_prev, x0 = reference.dpmpp_2m_step(spec, model_output, t_index, x_t, previous_x0, schedule)
+        x_prev, x0 = reference.dpmpp_2m_step(spec, model_output, t_index, x_t, previous_x0, schedule, noise=noise,
+                                             seed=seed, noise_offset=noise_offset, index_base=index_base)
         previous_x0.copy_(x0)
         return _write(out, x_prev)
     kernels = kernel_module("dpm_solver", interpret=chosen == "interpret")
     _check_contiguous_state(previous_x0=previous_x0)
     target = _kernel_target(out, x_t)
     kernels.dpmpp_2m(spec, model_output.contiguous(), t_index, x_t.contiguous(), previous_x0,
-                     schedule.table(x_t.device, torch.float32), out=target)
+                     schedule.table(x_t.device, torch.float32),
+                     reference.dpmpp_table(schedule, x_t.device, spec.adds_noise),
+                     noise=noise.contiguous() if noise is not None else None,
+                     **_noise_scalars(noise is None and spec.adds_noise, seed, noise_offset, index_base, x_t.device),
+                     out=target)
     if out is not None and target is not out:
         out.copy_(target)
         target = out

@@ -127,7 +127,9 @@ class AcceleratedPipeline:
     def __init__(self, pipe, scheduler, options: ModelOptions, cuda_graph):
         self.pipeline = pipe
         self.scheduler = scheduler
-        self.sampler = _SAMPLERS_OF[type(scheduler).__name__]
+        # the sampler that walks the drop-in's chain (the DPM scheduler's algorithm says which variant)
+        variant = getattr(scheduler, "fused_sampler", None)
+        self.sampler = variant() if variant is not None else _SAMPLERS_OF[type(scheduler).__name__]
         self.options, self.cuda_graph = options, cuda_graph
         self._signature = inspect.signature(type(pipe).__call__)
         self.__signature__ = self._signature.replace(parameters=list(self._signature.parameters.values())[1:])
@@ -200,6 +202,10 @@ class AcceleratedPipeline:
         image = sample(unet, shape, schedule=chain, num_steps=chain.num_timesteps, sampler=self.sampler, noise=x_t,
                        device=device, dtype=unet.dtype, progress=progress, cuda_graph=self.cuda_graph, **self.options.sample_kwargs(),
                        **settings, **noise)
+        if generator is not None and self.sampler == "dpmpp_2m_sde":
+            # diffusers also draws the last step's noise (onto x_0, where its coefficient is 0): draw it
+            # too, so that the generator is left where the pipeline leaves it.
+            randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         if generator is not None and self.sampler == "ddpm" and scheduler._chain_start > 0:
             # diffusers also draws the last step's noise from a timestep above 0 (of standard deviation
             # 1e-10 with the fixed_small variances, which the fused step leaves out): draw it too, so

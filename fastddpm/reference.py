@@ -25,6 +25,8 @@ __all__ = [
     "q_sample",
     "step",
     "dpmpp_2m_step",
+    "DPMPP_ROWS",
+    "dpmpp_coefficients",
     "UniPC",
     "UNIPC_ROWS",
     "unipc_step",
@@ -291,6 +293,57 @@ def step(
     return x_prev.to(x_t.dtype), x0.to(x_t.dtype)
 
 
+# ---------------------------------------------------------------------------------------------
+# DPM-Solver++(2M) (Lu et al. 2022), data prediction, midpoint form; and its SDE variant
+# ---------------------------------------------------------------------------------------------
+# Per chain index i: x_{i-1} = ratio x_i + data (D0 + diff (D0 - D0_prev)) + noise z.
+DPMPP_ROWS = ("dpmpp_sigma_ratio", "dpmpp_data_coef", "dpmpp_diff_coef", "dpmpp_noise_coef")
+
+
+def dpmpp_coefficients(schedule: NoiseSchedule, sde: bool = False) -> Dict[str, torch.Tensor]:
+    """The rows of :data:`DPMPP_ROWS` on ``schedule``'s chain (float64, computed once per chain).
+
+    With alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar), lambda = log(alpha / sigma),
+    h_i = lambda_{i-1} - lambda_i and r_i = h_{i+1} / h_i, the step from index i to i - 1 with
+    this step's x_0 D0 and the step before's D0_prev:
+
+    * DPM-Solver++(2M): x_{i-1} = (sigma_{i-1} / sigma_i) x_i + alpha_{i-1} (1 - e^{-h_i})
+      (D0 + (D0 - D0_prev) / (2 r_i));
+    * its SDE variant (``sde``; diffusers' "sde-dpmsolver++", midpoint): x_{i-1} = (sigma_{i-1} /
+      sigma_i) e^{-h_i} x_i + alpha_{i-1} (1 - e^{-2 h_i}) (D0 + (D0 - D0_prev) / (2 r_i))
+      + sigma_{i-1} sqrt(1 - e^{-2 h_i}) z, with z standard normal.
+
+    First order (no D0_prev term) at the chain's first step (i = T - 1: none before) and its last
+    (i = 0, as diffusers' default final_sigmas_type="zero"); alpha_bar_{-1} = final_alpha_cumprod
+    (1: the last step returns D0, with no noise)."""
+    return schedule.derived(("dpmpp_2m", bool(sde)), _dpmpp_derivation(bool(sde)))
+
+
+def dpmpp_table(schedule: NoiseSchedule, device, sde: bool = False, dtype=torch.float32) -> torch.Tensor:
+    """:func:`dpmpp_coefficients` packed for the kernel (``kernels/dpm_solver.py``)."""
+    return schedule.derived_table(("dpmpp_2m", bool(sde)), _dpmpp_derivation(bool(sde)), DPMPP_ROWS, device, dtype)
+
+
+def _dpmpp_derivation(sde: bool):
+    def derive(schedule: NoiseSchedule) -> Dict[str, torch.Tensor]:
+        ab, prev = schedule.alphas_cumprod, schedule.alphas_cumprod_prev
+        lambdas = 0.5 * (ab.log() - torch.log1p(-ab))
+        lambdas_prev = 0.5 * (prev.log() - torch.log1p(-prev))
+        h = lambdas_prev - lambdas  # +inf at index 0 when alpha_bar_{-1} = 1
+        sigma_ratio = ((1.0 - prev) / (1.0 - ab)).sqrt()
+        diff = torch.zeros_like(h)
+        if len(h) > 2:
+            diff[1:-1] = h[1:-1] / (2.0 * h[2:])  # 1 / (2 r_i), r_i = h_{i+1} / h_i
+        if sde:
+            decay = -torch.expm1(-2.0 * h)  # 1 - e^{-2h}
+            return {"dpmpp_sigma_ratio": sigma_ratio * torch.exp(-h), "dpmpp_data_coef": prev.sqrt() * decay,
+                    "dpmpp_diff_coef": diff, "dpmpp_noise_coef": (1.0 - prev).sqrt() * decay.sqrt()}
+        return {"dpmpp_sigma_ratio": sigma_ratio, "dpmpp_data_coef": prev.sqrt() * -torch.expm1(-h),
+                "dpmpp_diff_coef": diff, "dpmpp_noise_coef": torch.zeros_like(h)}
+
+    return derive
+
+
 def dpmpp_2m_step(
     spec: StepSpec,
     model_output: torch.Tensor,
@@ -298,25 +351,28 @@ def dpmpp_2m_step(
     x_t: torch.Tensor,
     previous_x0: torch.Tensor,
     schedule: NoiseSchedule,
+    *,
+    noise: Optional[torch.Tensor] = None,
+    seed=None,
+    noise_offset=0,
+    index_base=0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One DPM-Solver++(2M) step (Lu et al. 2022, data prediction, midpoint form) from chain index
-    t to t - 1; returns (x_{t-1}, D0 = this step's predicted x_0).
-
-    With alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar), lambda = log(alpha / sigma),
-    h = lambda_{t-1} - lambda_t and r = h_{t+1} / h:
-
-        x_{t-1} = (sigma_{t-1} / sigma_t) x_t - alpha_{t-1} (e^{-h} - 1) (D0 + (D0 - D0_prev) / (2 r))
-
-    ``previous_x0`` is D0_prev (ignored where the step is first order: the chain's first and last
-    steps, where the schedule's ``dpmpp_diff_coef`` is 0). Deterministic: no noise.
-    """
+    """One DPM-Solver++(2M) step (``spec.sampler`` "dpmpp_2m"; deterministic) or one of its SDE
+    variant ("dpmpp_2m_sde": noise ``noise``, or the Philox stream of ``seed`` at ``noise_offset``)
+    from chain index t to t - 1; returns (x_{t-1}, D0 = this step's predicted x_0).
+    :func:`dpmpp_coefficients` has the math; ``previous_x0`` is D0_prev (ignored where the step is
+    first order)."""
     dtype = _compute_dtype(x_t)
     x = x_t.to(dtype)
     mean_output, _ = _split_model_output(model_output, x_t, spec.variance_type)
     d0 = predict_x0(mean_output.to(dtype), t, x, schedule, spec.prediction_type, spec.clip_range)
-    d1 = d0 - previous_x0.to(dtype)
-    x_prev = _gather(schedule, "dpmpp_sigma_ratio", t, x, dtype) * x + _gather(schedule, "dpmpp_data_coef", t, x, dtype) * (
-        d0 + _gather(schedule, "dpmpp_diff_coef", t, x, dtype) * d1)
+    table = dpmpp_table(schedule, x.device, spec.adds_noise, dtype)
+    index = t.to(device=x.device, dtype=torch.int64).reshape(1) if isinstance(t, torch.Tensor) else torch.tensor(
+        [int(t)], device=x.device)
+    ratio, data, diff, noise_coef = table.index_select(1, index).reshape(len(DPMPP_ROWS))
+    x_prev = ratio * x + data * (d0 + diff * (d0 - previous_x0.to(dtype)))
+    if spec.adds_noise:
+        x_prev = x_prev + noise_coef * _noise_like(x_t, noise, seed, noise_offset, index_base, dtype)
     return x_prev.to(x_t.dtype), d0.to(x_t.dtype)
 
 

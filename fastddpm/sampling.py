@@ -92,9 +92,10 @@ def sample(
             (:func:`fastddpm.samplers.default_steps`: 20 for ``dpmpp_2m``, the trained T for
             ``ddpm`` and ``ddim``). Fewer than T respace the schedule (each sampler's chain:
             ``fastddpm.samplers.SAMPLERS[name].schedule``).
-        sampler: a name of the registry :data:`fastddpm.samplers.SAMPLERS`: ``"dpmpp_2m"``
-            (DPM-Solver++(2M), deterministic; the default, as on the command line), ``"ddpm"``
-            (ancestral sampling) or ``"ddim"`` (Song et al., with ``eta``).
+        sampler: a name of the registry :data:`fastddpm.samplers.SAMPLERS`: ``"unipc"`` (UniPC,
+            deterministic; the default, as on the command line), ``"dpmpp_2m"`` (DPM-Solver++(2M),
+            deterministic), ``"dpmpp_2m_sde"`` (its SDE variant, noise from ``seed`` or
+            ``generator``), ``"ddpm"`` (ancestral sampling) or ``"ddim"`` (Song et al., with ``eta``).
         eta: DDIM's noise scale (0: deterministic given x_T; 1: DDPM's posterior variance).
             Only for ``sampler="ddim"``.
         prediction_type: what the model predicts: ``epsilon``, ``sample`` or ``v_prediction``.

@@ -6,7 +6,7 @@ coefficients from a :class:`NoiseSchedule`; nothing recomputes them elsewhere.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Hashable, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Hashable, Optional, Sequence, Union
 
 import torch
 
@@ -27,9 +27,6 @@ TABLE_ROWS = (
     "log_betas",
     "sqrt_alphas_cumprod_prev",
     "one_minus_alphas_cumprod_prev",
-    "dpmpp_sigma_ratio",
-    "dpmpp_data_coef",
-    "dpmpp_diff_coef",
 )
 
 
@@ -189,22 +186,6 @@ class NoiseSchedule:
         self.posterior_mean_coef1 = step_betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * (1.0 - step_betas).sqrt() / (1.0 - self.alphas_cumprod)
 
-        # DPM-Solver++(2M) (Lu et al. 2022, data prediction) on this chain, from index i to i - 1,
-        # with alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar), lambda = log(alpha / sigma):
-        #   h_i = lambda_{i-1} - lambda_i,  r_i = h_{i+1} / h_i,  D0 = x_0 predicted at i,
-        #   x_{i-1} = (sigma_{i-1} / sigma_i) x_i + alpha_{i-1} (1 - e^{-h_i}) (D0 + (D0 - D0_prev) / (2 r_i)),
-        # D0_prev the prediction of the step before. First order (no D0_prev term) at the chain's
-        # first step (i = T - 1: there is none before) and its last (i = 0, as diffusers' default
-        # final_sigmas_type="zero"); alpha_bar_{-1} = final_alpha_cumprod (1: the last step returns D0).
-        lambdas = 0.5 * (self.alphas_cumprod.log() - self.log_one_minus_alphas_cumprod)
-        lambdas_prev = 0.5 * (self.alphas_cumprod_prev.log() - torch.log1p(-self.alphas_cumprod_prev))
-        h = lambdas_prev - lambdas  # +inf at index 0 when alpha_bar_{-1} = 1
-        self.dpmpp_sigma_ratio = (self.one_minus_alphas_cumprod_prev / (1.0 - self.alphas_cumprod)).sqrt()
-        self.dpmpp_data_coef = self.sqrt_alphas_cumprod_prev * -torch.expm1(-h)
-        diff_coef = torch.zeros_like(h)
-        if num_timesteps > 2:
-            diff_coef[1:-1] = h[1:-1] / (2.0 * h[2:])  # 1 / (2 r_i), r_i = h_{i+1} / h_i
-        self.dpmpp_diff_coef = diff_coef
         # A beta of 1 makes alpha_bar 0 from its index on: there x_t is pure noise and x_0 cannot
         # be recovered from a noise prediction (see check_prediction_type).
         zero = (self.alphas_cumprod == 0).nonzero()

@@ -37,12 +37,12 @@ def _run(*argv):
     return main(["sample", *argv, *pinned, "--no-progress"])
 
 
-def test_the_default_is_dpmpp_2m_at_20_steps(unet_dir, tmp_path):
+def test_the_default_is_unipc_at_20_steps(unet_dir, tmp_path):
     out = tmp_path / "default.png"
     assert main(["sample", "--checkpoint", str(unet_dir), "--num-samples", "2", "--out", str(out), "--device", "cpu",
                  "--no-progress"]) == 0
     data = np.load(out.with_suffix(".npz"))
-    assert str(data["sampler"]) == "dpmpp_2m" and int(data["num_steps"]) == 20
+    assert str(data["sampler"]) == "unipc" and int(data["num_steps"]) == 20
 
 
 def test_writes_png_grid_and_npz(unet_dir, tmp_path, capsys):

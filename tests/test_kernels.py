@@ -516,7 +516,7 @@ def test_dpmpp_2m_kernel_matches_the_reference(dtype, shape, variance_type, pred
     kernels = ops.kernel_module("dpm_solver", interpret=KERNEL_BACKEND == "interpret")
     table = schedule.table(KERNEL_DEVICE, torch.float32)
     out_shape = spec.model_output_shape(shape)
-    amplification = 1 + 2 * schedule.dpmpp_diff_coef.abs().max().item()
+    amplification = 1 + 2 * reference.dpmpp_coefficients(schedule)["dpmpp_diff_coef"].abs().max().item()
     for index in range(schedule.num_timesteps):
         seed = 100 * index + len(shape)
         x_t, model_output = randn(shape, seed, dtype), randn(out_shape, seed + 1, dtype)
@@ -525,9 +525,44 @@ def test_dpmpp_2m_kernel_matches_the_reference(dtype, shape, variance_type, pred
                                                              as64(previous), schedule)
         out = poisoned(x_t)
         t = torch.tensor(index, dtype=torch.int64, device=KERNEL_DEVICE)
-        kernels.dpmpp_2m(spec, model_output, t, x_t, previous, table, out=out)
+        kernels.dpmpp_2m(spec, model_output, t, x_t, previous, table, reference.dpmpp_table(schedule, KERNEL_DEVICE),
+                         out=out)
         scale = amplification * error_scale(torch.tensor(index), schedule, x_t, model_output, previous)
         what = f"dpmpp_2m {shape} {dtype} {prediction_type}/{variance_type} index {index}"
+        assert_close_to_reference(out, expected_prev, dtype, what + " x_prev", scale)
+        assert_close_to_reference(previous, expected_x0, dtype, what + " x0", scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 2, 9, 7), (1025,), (2, 3, 4, 4)], ids=str)
+@pytest.mark.parametrize("given_noise", [True, False], ids=["noise", "philox"])
+def test_dpmpp_2m_sde_kernel_matches_the_reference(dtype, shape, given_noise):
+    """The SDE variant: every chain index, the noise given or drawn in the kernel (the Philox stream
+    of the reference, equal to a few ulps), fresh inputs, poisoned output. The tolerance scale adds
+    the noise term's size to the ODE step's."""
+    from fastddpm.step import StepSpec
+
+    spec = StepSpec("dpmpp_2m_sde", "epsilon", "fixed_small", clip_range=1.0)
+    schedule = RESPACED
+    kernels = ops.kernel_module("dpm_solver", interpret=KERNEL_BACKEND == "interpret")
+    table, solver_table = schedule.table(KERNEL_DEVICE, torch.float32), reference.dpmpp_table(schedule, KERNEL_DEVICE, True)
+    rows = reference.dpmpp_coefficients(schedule, sde=True)
+    amplification = 1 + 2 * rows["dpmpp_diff_coef"].abs().max().item() + 4 * rows["dpmpp_noise_coef"].max().item()
+    for index in range(schedule.num_timesteps):
+        seed = 100 * index + len(shape)
+        x_t, model_output, previous = randn(shape, seed, dtype), randn(shape, seed + 1, dtype), randn(shape, seed + 2, dtype)
+        noise = randn(shape, seed + 3, dtype) if given_noise else None
+        scalars = {} if given_noise else dict(seed=seed, noise_offset=index + 1, index_base=5)
+        expected_prev, expected_x0 = reference.dpmpp_2m_step(spec, as64(model_output), index, as64(x_t), as64(previous),
+                                                             schedule, noise=as64(noise), **scalars)
+        out = poisoned(x_t)
+        t = torch.tensor(index, dtype=torch.int64, device=KERNEL_DEVICE)
+        device_scalars = {name: torch.tensor(value, dtype=torch.int64, device=KERNEL_DEVICE)
+                          for name, value in scalars.items()}
+        kernels.dpmpp_2m(spec, model_output, t, x_t, previous, table, solver_table, noise=noise, out=out,
+                         **device_scalars)
+        scale = amplification * error_scale(torch.tensor(index), schedule, x_t, model_output, previous)
+        what = f"dpmpp_2m_sde {shape} {dtype} index {index} {'noise' if given_noise else 'philox'}"
         assert_close_to_reference(out, expected_prev, dtype, what + " x_prev", scale)
         assert_close_to_reference(previous, expected_x0, dtype, what + " x0", scale)
 

@@ -47,6 +47,8 @@ CASES = [
      dict(num_inference_steps=15)),
     ("DDPMPipeline", diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000), dict(num_inference_steps=20)),
     ("DDPMPipeline", diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000), dict(num_inference_steps=50)),
+    ("DDPMPipeline", diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, algorithm_type="sde-dpmsolver++"),
+     dict(num_inference_steps=12)),
     ("DDPMPipeline", diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, use_karras_sigmas=True),
      dict(num_inference_steps=12)),
     ("DDPMPipeline", diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, prediction_type="sample",

@@ -2,8 +2,8 @@
 checkpoint that hurts samples fails here (slow-marked, part of CI).
 
 Pooled over three fixed seeds, 500 samples each, for each case of ``benchmarks/quality_bounds.py``
-(the README's default sampler, DPM-Solver++(2M) at 20 steps, and ancestral DDPM on 100 respaced
-steps, the fused reverse step's path). The cases, the sample count, the seeds and the bounds all
+(the README's default sampler, UniPC at 20 steps, DPM-Solver++(2M) at 20 steps, and ancestral DDPM
+on 100 respaced steps, the fused reverse step's path). The cases, the sample count, the seeds and the bounds all
 come from ``docs/quality_bounds.json``, which that script writes with one rule (the mean over seed
 triples plus or minus two standard deviations; ``python benchmarks/quality_bounds.py --triples 6``).
 The seeds are fixed, so on an unchanged stack the figures repeat up to round-off; a change that
@@ -66,9 +66,12 @@ def test_bf16_model_scores_within_the_seed_spread_of_float32(tmp_path_factory):
     figures over seed triples (docs/quality_bounds.json), paired on the same seeds, and the bf16 run
     passes the float32 bounds. Measured: FD / floor 0.803 against 0.809, confidence 0.96990 against
     0.96978 (float16 scored 0.810 / 0.96977 but runs ~30x slower than float32 on a CPU: not in CI)."""
-    spread = json.loads(SPREAD_FILE.read_text())["samplers"]["dpmpp_2m:20"]
-    exact = _pooled_quality("dpmpp_2m", 20, tmp_path_factory)
-    low = _pooled_quality("dpmpp_2m", 20, tmp_path_factory, model_dtype=torch.bfloat16)
+    from fastddpm.samplers import DEFAULT_SAMPLER, default_steps
+
+    steps = default_steps(DEFAULT_SAMPLER, 1000)
+    spread = json.loads(SPREAD_FILE.read_text())["samplers"][f"{DEFAULT_SAMPLER}:{steps}"]
+    exact = _pooled_quality(DEFAULT_SAMPLER, steps, tmp_path_factory)
+    low = _pooled_quality(DEFAULT_SAMPLER, steps, tmp_path_factory, model_dtype=torch.bfloat16)
     summary = (f"bf16: FD / floor {low['fd_ratio']:.3f}, confidence {low['mean_max_probability']:.4f}; float32: "
                f"{exact['fd_ratio']:.3f}, {exact['mean_max_probability']:.4f}")
     assert low["fd_ratio"] != exact["fd_ratio"], summary  # the model really ran in another precision

@@ -1044,7 +1044,8 @@ FUSED_DPM = [dict(prediction_type="sample", timestep_spacing="trailing"),
              # the last step lands on sigma_min, first order as diffusers' below 15 steps
              dict(final_sigmas_type="sigma_min"), dict(final_sigmas_type="sigma_min", use_karras_sigmas=True)]
 PARENT_DPM = [dict(use_lu_lambdas=True),
-              dict(algorithm_type="sde-dpmsolver++"), dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"),
+              dict(algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min"),
+              dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"),
               dict(solver_order=3),
               dict(solver_order=1), dict(solver_type="heun"),
               dict(final_sigmas_type="sigma_min", lower_order_final=False),  # a second-order last step
@@ -1152,6 +1153,41 @@ def test_dpm_sigma_min_from_15_steps_runs_the_parents_step(dpm_calls):
     assert len(dpm_calls) == 0 and torch.equal(ours, theirs)
     ours, _ = dpm_loop(fastddpm.DPMSolverMultistepScheduler(**config), model, 14)
     assert len(dpm_calls) == 14  # below 15 steps: fused
+
+
+def _sde_loop(scheduler, model, num_steps, *, generator=None, noises=None, seed=None):
+    if seed is not None:
+        torch.manual_seed(seed)
+    scheduler.set_timesteps(num_steps)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)).to(KERNEL_DEVICE)
+    for k, t in enumerate(scheduler.timesteps):
+        noise = None if noises is None else noises[k].to(KERNEL_DEVICE)
+        x = scheduler.step(model(x, t), t, x, generator=generator, variance_noise=noise).prev_sample
+    return x.cpu()
+
+
+@pytest.mark.parametrize("config", [dict(), dict(prediction_type="v_prediction", use_karras_sigmas=True),
+                                    dict(final_sigmas_type="sigma_min", beta_schedule="scaled_linear")], ids=str)
+def test_dpm_sde_variant_is_fused_and_matches_diffusers_with_its_noise(dpm_calls, config):
+    """"sde-dpmsolver++" (order 2, midpoint) takes the fused step: with a generator (diffusers'
+    randn_tensor where diffusers draws) and with variance_noise, diffusers' samples (measured <= 4e-7
+    relative); without either, the in-kernel stream of a seed drawn from torch's global RNG:
+    torch.manual_seed reproduces it, another seed moves it."""
+    config = dict(config, algorithm_type="sde-dpmsolver++")
+    model = LinearModel(9)
+    steps = 8
+    generator = lambda: torch.Generator(KERNEL_DEVICE).manual_seed(3)  # noqa: E731
+    ours = _sde_loop(fastddpm.DPMSolverMultistepScheduler(**config), model, steps, generator=generator())
+    assert len(dpm_calls) == steps
+    theirs = _sde_loop(diffusers.DPMSolverMultistepScheduler(**config), model, steps, generator=generator())
+    assert scaled_error(ours[None], theirs[None]) <= DPM_TOLERANCE
+    noises = [torch.randn(SHAPE, generator=torch.Generator().manual_seed(k)) for k in range(steps)]
+    ours = _sde_loop(fastddpm.DPMSolverMultistepScheduler(**config), model, steps, noises=noises)
+    theirs = _sde_loop(diffusers.DPMSolverMultistepScheduler(**config), model, steps, noises=noises)
+    assert scaled_error(ours[None], theirs[None]) <= DPM_TOLERANCE
+    seeded = [_sde_loop(fastddpm.DPMSolverMultistepScheduler(**config), model, steps, seed=s) for s in (1, 1, 2)]
+    assert torch.equal(seeded[0], seeded[1]) and not torch.allclose(seeded[0], seeded[2], atol=1e-3)
+    assert torch.isfinite(seeded[0]).all()
 
 
 # ---------------------------------------------------------------------------------------------

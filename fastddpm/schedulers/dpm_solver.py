@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import List, Optional, Tuple, Union
 
-import numpy as np
 import torch
 
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
@@ -12,16 +11,21 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from .. import ops
 from ..schedule import NoiseSchedule
 from ..step import StepSpec
-from .common import DPM_FUSED_SIGMA_SCHEDULES, DPM_SIGMA_SCHEDULES, LEARNED_VARIANCE_TYPES, PREDICTION_TYPES, _FusedSteps, _SolverChain, _fusable_tensors, _check_tensors, _init_of, diffusers
+from .common import (DPM_FUSED_SIGMA_SCHEDULES, DPM_SIGMA_SCHEDULES, LEARNED_VARIANCE_TYPES, PREDICTION_TYPES, _check_tensors,
+                     _fusable_tensors, _FusedSteps, _init_of, _SolverChain, diffusers, randn_tensor)
 
+
+
+# diffusers' algorithm types the fused step takes, and the update rule each is (fastddpm.step.STEP_RULES)
+FUSED_ALGORITHMS = {"dpmsolver++": "dpmpp_2m", "sde-dpmsolver++": "dpmpp_2m_sde"}
 
 
 def _dpmpp_2m(spec: StepSpec, model_output: torch.Tensor, index: torch.Tensor, x: torch.Tensor,
-              previous_x0: torch.Tensor, chain: NoiseSchedule) -> torch.Tensor:
+              previous_x0: torch.Tensor, chain: NoiseSchedule, **noise) -> torch.Tensor:
     """One fused DPM-Solver++(2M) step from chain index ``index`` (:func:`fastddpm.ops.dpmpp_2m_step`,
     the op :func:`fastddpm.samplers.dpmpp_2m` steps with too): returns x_{i-1} and overwrites
     ``previous_x0`` (contiguous, x's shape) with this step's x_0."""
-    return ops.dpmpp_2m_step(spec, model_output, index, x, previous_x0, chain)
+    return ops.dpmpp_2m_step(spec, model_output, index, x, previous_x0, chain, **noise)
 
 
 class DPMSolverMultistepScheduler(_SolverChain, _FusedSteps, diffusers.DPMSolverMultistepScheduler):
@@ -29,7 +33,10 @@ class DPMSolverMultistepScheduler(_SolverChain, _FusedSteps, diffusers.DPMSolver
     DPM-Solver++(2M) step (``kernels/dpm_solver.py``; :func:`fastddpm.reference.dpmpp_2m_step`
     off CUDA unless ``FASTDDPM_BACKEND=interpret``).
 
-    The fused path takes ``algorithm_type="dpmsolver++"``, ``solver_order=2``,
+    The fused path takes ``algorithm_type="dpmsolver++"`` or ``"sde-dpmsolver++"`` (its noise:
+    ``variance_noise``, or drawn from ``generator`` with diffusers' ``randn_tensor`` exactly where
+    diffusers draws it, or without either the in-kernel Philox stream of a seed drawn from torch's
+    global RNG at ``set_timesteps``, as the DDPM scheduler's), ``solver_order=2``,
     ``solver_type="midpoint"``, ``final_sigmas_type="zero"`` (whatever ``lower_order_final`` and
     ``euler_at_final``: with "zero" diffusers' last step is first order anyway) or ``"sigma_min"``
     where diffusers' last step is first order too (``euler_at_final``, or ``lower_order_final`` below
@@ -65,11 +72,16 @@ class DPMSolverMultistepScheduler(_SolverChain, _FusedSteps, diffusers.DPMSolver
 
     def _fused_settings(self) -> bool:
         config = self.config
-        return (self._trained is not None and config.algorithm_type == "dpmsolver++" and config.solver_order == 2
+        return (self._trained is not None and config.algorithm_type in FUSED_ALGORITHMS and config.solver_order == 2
                 and config.solver_type == "midpoint" and config.final_sigmas_type in ("zero", "sigma_min")
                 and not config.thresholding and config.prediction_type in PREDICTION_TYPES
                 and not any(getattr(config, name, False) for name in DPM_SIGMA_SCHEDULES
                             if name not in DPM_FUSED_SIGMA_SCHEDULES))
+
+    def fused_sampler(self) -> str:
+        """The fastddpm sampler (and update rule) of the fused step: "dpmpp_2m", or "dpmpp_2m_sde" for
+        ``algorithm_type="sde-dpmsolver++"``."""
+        return FUSED_ALGORITHMS.get(self.config.algorithm_type, "dpmpp_2m")
 
     def _last_step_first_order(self, num_steps: int) -> bool:
         """Whether diffusers' last step is first order (the fused chain's is): always when it lands
@@ -91,7 +103,7 @@ class DPMSolverMultistepScheduler(_SolverChain, _FusedSteps, diffusers.DPMSolver
         if self._fused_settings() and self._last_step_first_order(len(values)):
             self._chain = self._solver_chain(values)
         if self._chain is not None:
-            self._spec = StepSpec("dpmpp_2m", self.config.prediction_type, "fixed_small", None)
+            self._spec = StepSpec(self.fused_sampler(), self.config.prediction_type, "fixed_small", None)
             self._place_chain(self._chain)
 
     def _previous_x0(self, sample: torch.Tensor, first_order: bool) -> torch.Tensor:
@@ -138,7 +150,18 @@ class DPMSolverMultistepScheduler(_SolverChain, _FusedSteps, diffusers.DPMSolver
         device = sample.device
         previous = self._previous_x0(sample, first_order)
         chain_index = self._index_on(index, device)
-        prev_sample = _dpmpp_2m(self._spec, output, chain_index, sample.contiguous(), previous, self._chain)
+        noise, stream = None, {}
+        if self._spec.adds_noise:  # the SDE variant: diffusers' draw where it draws, else the kernel's stream
+            if variance_noise is not None:
+                noise = variance_noise.to(device=device, dtype=torch.float32)
+            elif generator is not None:
+                noise = randn_tensor(output.shape, generator=generator, device=output.device, dtype=torch.float32)
+            else:
+                stream = self._noise_stream(device)
+        prev_sample = _dpmpp_2m(self._spec, output, chain_index, sample.contiguous(), previous, self._chain,
+                                noise=noise, **stream)
+        if stream:
+            stream["noise_offset"].add_(1)
         shifted = [None if entry is previous else entry for entry in self.model_outputs[1:]]
         self.model_outputs = [*shifted, previous]
         if self.lower_order_nums < self.config.solver_order:
