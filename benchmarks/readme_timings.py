@@ -5,7 +5,7 @@ process each time, several runs, with the machine's load beside each.
 
 Cases (the shipped digits model, 64 samples, seed 0):
 
-* ``default``: ``fastddpm sample --out samples.png`` (DPM-Solver++(2M), 20 steps): the command's own
+* ``default``: ``fastddpm sample --out samples.png`` (the default sampler, UniPC, 20 steps): the command's own
   "sampled in" figure and the wall time of the whole command (start-up, loading, writing);
 * ``ddpm``: the same with ``--sampler ddpm`` (1000 steps), torch's default threads;
 * ``ddpm-1-thread``: the same with ``OMP_NUM_THREADS=1``.

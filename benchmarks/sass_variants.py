@@ -83,18 +83,21 @@ def _q_sample(given_noise=False):
     return build
 
 
-def _dpmpp_2m(sde=False):
+def _dpmpp_2m(sde=False, third=False):
     def build(torch, dtype, launcher):
-        from fastddpm.reference import dpmpp_table
+        from fastddpm.reference import DPMSolver
         from fastddpm.schedule import NoiseSchedule
         from fastddpm.step import StepSpec
 
         x = torch.randn(BATCH, CHANNELS, HEIGHT, WIDTH).to(dtype)
         chain = NoiseSchedule.linear(1000).respace_evenly(20)
         spec = StepSpec("dpmpp_2m_sde" if sde else "dpmpp_2m", clip_range=None)
+        solver = DPMSolver(sde=sde, orders=(1, 2) + (3,) * 16 + (2, 1) if third else None)
         args = (spec, torch.randn(x.shape).to(dtype), torch.tensor(10, dtype=torch.int64), x,
-                torch.randn(x.shape).to(dtype), chain.table("cpu", torch.float32), dpmpp_table(chain, "cpu", sde))
+                torch.randn(x.shape).to(dtype), chain.table("cpu", torch.float32), solver.table(chain, "cpu"))
         kwargs = dict(out=torch.empty_like(x))
+        if third:
+            kwargs["older_x0"] = torch.randn(x.shape).to(dtype)
         if sde:
             kwargs.update(_noise_kwargs(torch, launcher))
         return args, kwargs
@@ -142,6 +145,8 @@ VARIANTS: List[Variant] = [
     *[Variant(f"dpmpp_2m.{d}", "dpm_solver", "_dpmpp_2m_kernel", "dpmpp_2m", d, _dpmpp_2m(), 3, 2,
               description="DPM-Solver++(2M) step: epsilon, no clip, scalar t; writes x_prev and x0")
       for d in ("fp32", "bf16")],
+    Variant("dpmpp_3m.fp32", "dpm_solver", "_dpmpp_2m_kernel", "dpmpp_2m", "fp32", _dpmpp_2m(third=True), 4, 3,
+            description="DPM-Solver++(3M) step: epsilon, no clip, scalar t; writes x_prev and both x0 buffers"),
     *[Variant(f"dpmpp_2m_sde.philox.{d}", "dpm_solver", "_dpmpp_2m_kernel", "dpmpp_2m", d, _dpmpp_2m(sde=True), 3, 2,
               description="DPM-Solver++(2M) SDE step: epsilon, no clip, scalar t, in-kernel noise; writes x_prev "
                           "and x0") for d in ("fp32", "bf16")],

@@ -409,6 +409,8 @@ def dpmpp_2m_step(
     previous_x0: torch.Tensor,
     schedule: NoiseSchedule,
     *,
+    older_x0: Optional[torch.Tensor] = None,
+    solver: Optional[reference.DPMSolver] = None,
     noise: Optional[torch.Tensor] = None,
     seed=None,
     noise_offset=0,
@@ -416,16 +418,28 @@ def dpmpp_2m_step(
     out: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
-    """One DPM-Solver++(2M) step from chain index ``t`` (:func:`fastddpm.reference.dpmpp_2m_step`,
+    """One DPM-Solver++ step from chain index ``t`` (:func:`fastddpm.reference.dpmpp_2m_step`,
     ``kernels/dpm_solver.py``): returns x_{t-1} and overwrites ``previous_x0`` (x_t's shape, dtype
     and device; D0 of the step before, ignored where the step is first order) with this step's
     predicted x_0. ``spec.sampler`` is ``"dpmpp_2m"`` (deterministic) or ``"dpmpp_2m_sde"`` (its SDE
     variant: ``noise``, or the Philox stream of ``seed`` / ``noise_offset`` / ``index_base`` as
-    :func:`step` takes them); ``out`` may be ``x_t``."""
+    :func:`step` takes them); ``out`` may be ``x_t``. ``solver`` (a
+    :class:`fastddpm.reference.DPMSolver`) gives each step's order (default: 2M's); a solver with
+    third-order steps needs ``older_x0`` (D0_prev2, overwritten with D0_prev)."""
     if isinstance(spec, StepSpec) and spec.sampler not in DPMPP_SAMPLERS:
         raise ValueError(f"spec.sampler must be one of {DPMPP_SAMPLERS} for dpmpp_2m_step, got {spec.sampler!r}")
+    if solver is None:
+        solver = reference.DPMSolver(sde=isinstance(spec, StepSpec) and spec.adds_noise)
+    elif not isinstance(solver, reference.DPMSolver):
+        raise TypeError(f"solver must be a fastddpm.reference.DPMSolver, got {type(solver).__name__}")
     schedule, t_index = _check_step_args(spec, model_output, t, x_t, schedule)
+    if solver.sde != spec.adds_noise:
+        raise ValueError(f"solver.sde={solver.sde} must match spec.sampler={spec.sampler!r}")
     _check_state("previous_x0", previous_x0, x_t)
+    if solver.max_order == 3 and older_x0 is None:
+        raise ValueError("older_x0 (the x_0 two steps back) is needed by a solver with third-order steps")
+    if older_x0 is not None:
+        _check_state("older_x0", older_x0, x_t)
     if t_index.ndim != 0:
         raise ValueError(f"t must be one chain index (a scalar) for dpmpp_2m_step, got shape {tuple(t_index.shape)}")
     _check_noise(noise, x_t, seed, noise_offset, index_base, needed=spec.adds_noise)
@@ -433,16 +447,18 @@ def dpmpp_2m_step(
     chosen = resolve_backend(backend, x_t.device, x_t.dtype)
     noise = noise if spec.adds_noise else None
     if chosen == "reference":
-        x_prev, x0 = reference.dpmpp_2m_step(spec, model_output, t_index, x_t, previous_x0, schedule, noise=noise,
-                                             seed=seed, noise_offset=noise_offset, index_base=index_base)
+        x_prev, x0 = reference.dpmpp_2m_step(spec, model_output, t_index, x_t, previous_x0, schedule,
+                                             older_x0=older_x0, solver=solver, noise=noise, seed=seed,
+                                             noise_offset=noise_offset, index_base=index_base)
+        if older_x0 is not None:
+            older_x0.copy_(previous_x0)
         previous_x0.copy_(x0)
         return _write(out, x_prev)
     kernels = kernel_module("dpm_solver", interpret=chosen == "interpret")
-    _check_contiguous_state(previous_x0=previous_x0)
+    _check_contiguous_state(previous_x0=previous_x0, **({} if older_x0 is None else dict(older_x0=older_x0)))
     target = _kernel_target(out, x_t)
     kernels.dpmpp_2m(spec, model_output.contiguous(), t_index, x_t.contiguous(), previous_x0,
-                     schedule.table(x_t.device, torch.float32),
-                     reference.dpmpp_table(schedule, x_t.device, spec.adds_noise),
+                     schedule.table(x_t.device, torch.float32), solver.table(schedule, x_t.device), older_x0=older_x0,
                      noise=noise.contiguous() if noise is not None else None,
                      **_noise_scalars(noise is None and spec.adds_noise, seed, noise_offset, index_base, x_t.device),
                      out=target)

@@ -233,7 +233,13 @@ class AcceleratedPipeline:
             return scheduler._shared, None
         if scheduler._chain is None:
             return None, "timesteps that repeat (not fused)"
-        return scheduler._chain, None
+        chain = scheduler._chain
+        solver = scheduler._solver
+        if any(solver.order_at(i, chain.num_timesteps) != (1 if i in (0, chain.num_timesteps - 1) else 2)
+               for i in range(chain.num_timesteps)):
+            return None, ("steps of other orders than DPM-Solver++(2M)'s (solver_order 1 or 3, or a second-order "
+                          "last step onto sigma_min): the drop-in scheduler fuses them, fastddpm.sample walks 2M")
+        return chain, None
 
     def _finish(self, image: torch.Tensor, arguments: dict, output_class):
         """The pipeline's own post-processing: [0, 1], then numpy / PIL, hooks freed."""

@@ -26,6 +26,7 @@ __all__ = [
     "step",
     "dpmpp_2m_step",
     "DPMPP_ROWS",
+    "DPMSolver",
     "dpmpp_coefficients",
     "UniPC",
     "UNIPC_ROWS",
@@ -296,52 +297,103 @@ def step(
 # ---------------------------------------------------------------------------------------------
 # DPM-Solver++(2M) (Lu et al. 2022), data prediction, midpoint form; and its SDE variant
 # ---------------------------------------------------------------------------------------------
-# Per chain index i: x_{i-1} = ratio x_i + data (D0 + diff (D0 - D0_prev)) + noise z.
-DPMPP_ROWS = ("dpmpp_sigma_ratio", "dpmpp_data_coef", "dpmpp_diff_coef", "dpmpp_noise_coef")
+# Per chain index i: x_{i-1} = ratio x_i + c0 D0 + c1 D0_prev + c2 D0_prev2 + noise z.
+DPMPP_ROWS = ("dpmpp_sigma_ratio", "dpmpp_x0_coef", "dpmpp_prev_coef", "dpmpp_prev2_coef", "dpmpp_noise_coef")
 
 
-def dpmpp_coefficients(schedule: NoiseSchedule, sde: bool = False) -> Dict[str, torch.Tensor]:
-    """The rows of :data:`DPMPP_ROWS` on ``schedule``'s chain (float64, computed once per chain).
+@dataclasses.dataclass(frozen=True)
+class DPMSolver:
+    """The settings of a DPM-Solver++ chain: the SDE variant (``sde``; diffusers'
+    "sde-dpmsolver++", order <= 2) and each step's order by chain index (``orders``: 1, 2 or 3 for
+    index 0, 1, ...; None: DPM-Solver++(2M)'s, first order at the chain's first and last steps and
+    second order between)."""
 
-    With alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar), lambda = log(alpha / sigma),
-    h_i = lambda_{i-1} - lambda_i and r_i = h_{i+1} / h_i, the step from index i to i - 1 with
-    this step's x_0 D0 and the step before's D0_prev:
+    sde: bool = False
+    orders: Optional[Tuple[int, ...]] = None
 
-    * DPM-Solver++(2M): x_{i-1} = (sigma_{i-1} / sigma_i) x_i + alpha_{i-1} (1 - e^{-h_i})
-      (D0 + (D0 - D0_prev) / (2 r_i));
-    * its SDE variant (``sde``; diffusers' "sde-dpmsolver++", midpoint): x_{i-1} = (sigma_{i-1} /
-      sigma_i) e^{-h_i} x_i + alpha_{i-1} (1 - e^{-2 h_i}) (D0 + (D0 - D0_prev) / (2 r_i))
-      + sigma_{i-1} sqrt(1 - e^{-2 h_i}) z, with z standard normal.
+    def __post_init__(self):
+        if self.orders is not None:
+            object.__setattr__(self, "orders", tuple(int(order) for order in self.orders))
+            if any(order not in (1, 2, 3) for order in self.orders):
+                raise ValueError(f"orders must hold 1, 2 or 3 for each step, got {self.orders}")
+            if self.sde and 3 in self.orders:
+                raise ValueError("the fused SDE variant is of order 1 or 2 a step")
 
-    First order (no D0_prev term) at the chain's first step (i = T - 1: none before) and its last
-    (i = 0, as diffusers' default final_sigmas_type="zero"); alpha_bar_{-1} = final_alpha_cumprod
-    (1: the last step returns D0, with no noise)."""
-    return schedule.derived(("dpmpp_2m", bool(sde)), _dpmpp_derivation(bool(sde)))
+    def order_at(self, index: int, num_steps: int) -> int:
+        if self.orders is not None:
+            if len(self.orders) != num_steps:
+                raise ValueError(f"orders holds {len(self.orders)} steps for a chain of {num_steps}")
+            return self.orders[index]
+        return 1 if index in (0, num_steps - 1) else 2
 
+    @property
+    def max_order(self) -> int:
+        return 2 if self.orders is None else max(self.orders)
 
-def dpmpp_table(schedule: NoiseSchedule, device, sde: bool = False, dtype=torch.float32) -> torch.Tensor:
-    """:func:`dpmpp_coefficients` packed for the kernel (``kernels/dpm_solver.py``)."""
-    return schedule.derived_table(("dpmpp_2m", bool(sde)), _dpmpp_derivation(bool(sde)), DPMPP_ROWS, device, dtype)
+    def coefficients(self, schedule: NoiseSchedule) -> Dict[str, torch.Tensor]:
+        """The rows of :data:`DPMPP_ROWS` on ``schedule``'s chain (float64, computed once per chain).
 
+        With alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar), lambda = log(alpha / sigma),
+        h_i = lambda_{i-1} - lambda_i, r0 = h_{i+1} / h_i and r1 = h_{i+2} / h_i, the step from index
+        i to i - 1 with this step's x_0 D0 and the steps before's D0_prev, D0_prev2 (Lu et al. 2022,
+        data prediction, diffusers' "midpoint" form):
 
-def _dpmpp_derivation(sde: bool):
-    def derive(schedule: NoiseSchedule) -> Dict[str, torch.Tensor]:
+        * order 1: x_{i-1} = (sigma_{i-1} / sigma_i) x_i + alpha_{i-1} (1 - e^{-h}) D0;
+        * order 2: the data term's D0 becomes D0 + D1 / 2, D1 = (D0 - D0_prev) / r0;
+        * order 3: + alpha_{i-1} ((e^{-h} - 1) / h + 1) D1 - alpha_{i-1} ((e^{-h} - 1 + h) / h^2 - 1/2) D2
+          with D1_0 = (D0 - D0_prev) / r0, D1_1 = (D0_prev - D0_prev2) / r1,
+          D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1), D2 = (D1_0 - D1_1) / (r0 + r1);
+        * the SDE variant: x_i's factor times e^{-h}, alpha_{i-1} (1 - e^{-2h}) in place of
+          alpha_{i-1} (1 - e^{-h}), and + sigma_{i-1} sqrt(1 - e^{-2h}) z, z standard normal.
+
+        alpha_bar_{-1} = final_alpha_cumprod (1: the last step, first order, returns D0, no noise)."""
+        return schedule.derived(("dpmpp", self), self._derive)
+
+    def table(self, schedule: NoiseSchedule, device, dtype=torch.float32) -> torch.Tensor:
+        """:meth:`coefficients` packed for the kernel (``kernels/dpm_solver.py``)."""
+        return schedule.derived_table(("dpmpp", self), self._derive, DPMPP_ROWS, device, dtype)
+
+    def _derive(self, schedule: NoiseSchedule) -> Dict[str, torch.Tensor]:
         ab, prev = schedule.alphas_cumprod, schedule.alphas_cumprod_prev
+        n = len(ab)
         lambdas = 0.5 * (ab.log() - torch.log1p(-ab))
         lambdas_prev = 0.5 * (prev.log() - torch.log1p(-prev))
         h = lambdas_prev - lambdas  # +inf at index 0 when alpha_bar_{-1} = 1
-        sigma_ratio = ((1.0 - prev) / (1.0 - ab)).sqrt()
-        diff = torch.zeros_like(h)
-        if len(h) > 2:
-            diff[1:-1] = h[1:-1] / (2.0 * h[2:])  # 1 / (2 r_i), r_i = h_{i+1} / h_i
-        if sde:
+        alpha_prev = prev.sqrt()
+        ratio = ((1.0 - prev) / (1.0 - ab)).sqrt()
+        if self.sde:
             decay = -torch.expm1(-2.0 * h)  # 1 - e^{-2h}
-            return {"dpmpp_sigma_ratio": sigma_ratio * torch.exp(-h), "dpmpp_data_coef": prev.sqrt() * decay,
-                    "dpmpp_diff_coef": diff, "dpmpp_noise_coef": (1.0 - prev).sqrt() * decay.sqrt()}
-        return {"dpmpp_sigma_ratio": sigma_ratio, "dpmpp_data_coef": prev.sqrt() * -torch.expm1(-h),
-                "dpmpp_diff_coef": diff, "dpmpp_noise_coef": torch.zeros_like(h)}
+            ratio, data, noise = ratio * torch.exp(-h), alpha_prev * decay, (1.0 - prev).sqrt() * decay.sqrt()
+        else:
+            data, noise = alpha_prev * -torch.expm1(-h), torch.zeros_like(h)
+        c0, c1, c2 = data.clone(), torch.zeros_like(h), torch.zeros_like(h)
+        for i in range(n):
+            order = self.order_at(i, n)
+            if order >= 2 and i + order > n:
+                raise ValueError(f"a step of order {order} at chain index {i} needs {order - 1} steps before it")
+            if order == 2:
+                half_over_r0 = 0.5 * h[i] / h[i + 1]
+                c0[i], c1[i] = data[i] * (1.0 + half_over_r0), -data[i] * half_over_r0
+            elif order == 3:
+                r0, r1, hi = h[i + 1] / h[i], h[i + 2] / h[i], h[i]
+                e = torch.expm1(-hi)
+                p_coef = alpha_prev[i] * (e / hi + 1.0)
+                q_coef = -alpha_prev[i] * ((e + hi) / hi ** 2 - 0.5)
+                a = p_coef * (1.0 + r0 / (r0 + r1)) + q_coef / (r0 + r1)
+                b = -p_coef * r0 / (r0 + r1) - q_coef / (r0 + r1)
+                c0[i], c1[i], c2[i] = data[i] + a / r0, -a / r0 + b / r1, -b / r1
+        return {"dpmpp_sigma_ratio": ratio, "dpmpp_x0_coef": c0, "dpmpp_prev_coef": c1, "dpmpp_prev2_coef": c2,
+                "dpmpp_noise_coef": noise}
 
-    return derive
+
+def dpmpp_coefficients(schedule: NoiseSchedule, sde: bool = False) -> Dict[str, torch.Tensor]:
+    """DPM-Solver++(2M)'s rows (or its SDE variant's) on ``schedule``'s chain: :meth:`DPMSolver.coefficients`."""
+    return DPMSolver(sde=bool(sde)).coefficients(schedule)
+
+
+def dpmpp_table(schedule: NoiseSchedule, device, sde: bool = False, dtype=torch.float32) -> torch.Tensor:
+    """:func:`dpmpp_coefficients` packed for the kernel."""
+    return DPMSolver(sde=bool(sde)).table(schedule, device, dtype)
 
 
 def dpmpp_2m_step(
@@ -352,25 +404,31 @@ def dpmpp_2m_step(
     previous_x0: torch.Tensor,
     schedule: NoiseSchedule,
     *,
+    older_x0: Optional[torch.Tensor] = None,
+    solver: Optional[DPMSolver] = None,
     noise: Optional[torch.Tensor] = None,
     seed=None,
     noise_offset=0,
     index_base=0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One DPM-Solver++(2M) step (``spec.sampler`` "dpmpp_2m"; deterministic) or one of its SDE
-    variant ("dpmpp_2m_sde": noise ``noise``, or the Philox stream of ``seed`` at ``noise_offset``)
-    from chain index t to t - 1; returns (x_{t-1}, D0 = this step's predicted x_0).
-    :func:`dpmpp_coefficients` has the math; ``previous_x0`` is D0_prev (ignored where the step is
-    first order)."""
+    """One DPM-Solver++ step (``spec.sampler`` "dpmpp_2m"; deterministic) or one of its SDE variant
+    ("dpmpp_2m_sde": noise ``noise``, or the Philox stream of ``seed`` at ``noise_offset``) from
+    chain index t to t - 1; returns (x_{t-1}, D0 = this step's predicted x_0). ``solver`` (a
+    :class:`DPMSolver`; default: 2M, its variant by ``spec``) has the math and each step's order;
+    ``previous_x0`` is D0_prev and ``older_x0`` D0_prev2 (read by third-order steps only)."""
+    if solver is None:
+        solver = DPMSolver(sde=spec.adds_noise)
     dtype = _compute_dtype(x_t)
     x = x_t.to(dtype)
     mean_output, _ = _split_model_output(model_output, x_t, spec.variance_type)
     d0 = predict_x0(mean_output.to(dtype), t, x, schedule, spec.prediction_type, spec.clip_range)
-    table = dpmpp_table(schedule, x.device, spec.adds_noise, dtype)
+    table = solver.table(schedule, x.device, dtype)
     index = t.to(device=x.device, dtype=torch.int64).reshape(1) if isinstance(t, torch.Tensor) else torch.tensor(
         [int(t)], device=x.device)
-    ratio, data, diff, noise_coef = table.index_select(1, index).reshape(len(DPMPP_ROWS))
-    x_prev = ratio * x + data * (d0 + diff * (d0 - previous_x0.to(dtype)))
+    ratio, c0, c1, c2, noise_coef = table.index_select(1, index).reshape(len(DPMPP_ROWS))
+    x_prev = ratio * x + c0 * d0 + c1 * previous_x0.to(dtype)
+    if older_x0 is not None:
+        x_prev = x_prev + c2 * older_x0.to(dtype)
     if spec.adds_noise:
         x_prev = x_prev + noise_coef * _noise_like(x_t, noise, seed, noise_offset, index_base, dtype)
     return x_prev.to(x_t.dtype), d0.to(x_t.dtype)

@@ -508,7 +508,7 @@ def test_nan_model_output_stays_nan_through_clipping(sampler, dtype):
 def test_dpmpp_2m_kernel_matches_the_reference(dtype, shape, variance_type, prediction_type):
     """Every chain index (first- and second-order steps), fresh inputs, poisoned outputs; the
     previous x_0 is overwritten with this step's. The tolerance scale adds the D0 - D0_prev term's
-    amplification (1 + 2 max|dpmpp_diff_coef|) to error_scale's."""
+    amplification (the largest sum of the step's coefficients' sizes) to error_scale's."""
     from fastddpm.step import StepSpec
 
     spec = StepSpec("dpmpp_2m", prediction_type, variance_type, clip_range=1.0 if prediction_type == "epsilon" else None)
@@ -516,7 +516,7 @@ def test_dpmpp_2m_kernel_matches_the_reference(dtype, shape, variance_type, pred
     kernels = ops.kernel_module("dpm_solver", interpret=KERNEL_BACKEND == "interpret")
     table = schedule.table(KERNEL_DEVICE, torch.float32)
     out_shape = spec.model_output_shape(shape)
-    amplification = 1 + 2 * reference.dpmpp_coefficients(schedule)["dpmpp_diff_coef"].abs().max().item()
+    amplification = 1 + sum(row.abs().max().item() for row in reference.dpmpp_coefficients(schedule).values())
     for index in range(schedule.num_timesteps):
         seed = 100 * index + len(shape)
         x_t, model_output = randn(shape, seed, dtype), randn(out_shape, seed + 1, dtype)
@@ -534,6 +534,39 @@ def test_dpmpp_2m_kernel_matches_the_reference(dtype, shape, variance_type, pred
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 2, 9, 7), (1025,)], ids=str)
+def test_dpmpp_3m_kernel_matches_the_reference(dtype, shape):
+    """Third-order steps (diffusers' solver_order=3: orders 1, 2, 3, ..., 3, 2, 1 from the top): every
+    chain index against the float64 reference; both x_0 buffers shift in place (D0 over D0_prev,
+    D0_prev over D0_prev2)."""
+    from fastddpm.step import StepSpec
+
+    schedule = RESPACED
+    n = schedule.num_timesteps
+    solver = reference.DPMSolver(orders=(1, 2) + (3,) * (n - 4) + (2, 1))
+    spec = StepSpec("dpmpp_2m", "epsilon", "fixed_small", clip_range=1.0)
+    kernels = ops.kernel_module("dpm_solver", interpret=KERNEL_BACKEND == "interpret")
+    table, solver_table = schedule.table(KERNEL_DEVICE, torch.float32), solver.table(schedule, KERNEL_DEVICE)
+    amplification = 1 + sum(row.abs().max().item() for row in solver.coefficients(schedule).values())
+    assert solver.coefficients(schedule)["dpmpp_prev2_coef"].abs().max() > 0  # third-order steps are there
+    for index in range(n):
+        seed = 100 * index + len(shape)
+        x_t, model_output = randn(shape, seed, dtype), randn(shape, seed + 1, dtype)
+        previous, older = randn(shape, seed + 2, dtype), randn(shape, seed + 3, dtype)
+        expected_prev, expected_x0 = reference.dpmpp_2m_step(spec, as64(model_output), index, as64(x_t), as64(previous),
+                                                             schedule, older_x0=as64(older), solver=solver)
+        expected_older = as64(previous)
+        out = poisoned(x_t)
+        t = torch.tensor(index, dtype=torch.int64, device=KERNEL_DEVICE)
+        kernels.dpmpp_2m(spec, model_output, t, x_t, previous, table, solver_table, older_x0=older, out=out)
+        scale = amplification * error_scale(torch.tensor(index), schedule, x_t, model_output, previous, older)
+        what = f"dpmpp_3m {shape} {dtype} index {index}"
+        assert_close_to_reference(out, expected_prev, dtype, what + " x_prev", scale)
+        assert_close_to_reference(previous, expected_x0, dtype, what + " x0", scale)
+        assert torch.equal(older.cpu().double(), expected_older), what + " older"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(3, 2, 9, 7), (1025,), (2, 3, 4, 4)], ids=str)
 @pytest.mark.parametrize("given_noise", [True, False], ids=["noise", "philox"])
 def test_dpmpp_2m_sde_kernel_matches_the_reference(dtype, shape, given_noise):
@@ -547,7 +580,7 @@ def test_dpmpp_2m_sde_kernel_matches_the_reference(dtype, shape, given_noise):
     kernels = ops.kernel_module("dpm_solver", interpret=KERNEL_BACKEND == "interpret")
     table, solver_table = schedule.table(KERNEL_DEVICE, torch.float32), reference.dpmpp_table(schedule, KERNEL_DEVICE, True)
     rows = reference.dpmpp_coefficients(schedule, sde=True)
-    amplification = 1 + 2 * rows["dpmpp_diff_coef"].abs().max().item() + 4 * rows["dpmpp_noise_coef"].max().item()
+    amplification = 1 + sum(row.abs().max().item() for row in rows.values()) + 4 * rows["dpmpp_noise_coef"].max().item()
     for index in range(schedule.num_timesteps):
         seed = 100 * index + len(shape)
         x_t, model_output, previous = randn(shape, seed, dtype), randn(shape, seed + 1, dtype), randn(shape, seed + 2, dtype)

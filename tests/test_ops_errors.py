@@ -279,7 +279,9 @@ def _multistep_call(op_name, backend, out=None, **overrides):
                 previous_x0=torch.zeros(SHAPE, device=KERNEL_DEVICE), schedule=RESPACED, solver=UniPC())
     args.update(overrides)
     if op_name == "dpmpp_2m_step":
-        args.pop("corrector"), args.pop("solver")
+        args.pop("corrector")
+        if "solver" not in overrides:  # the UniPC default above is not DPM-Solver++'s
+            args.pop("solver")
     out = nan_buffer() if out is None else out
     names = ["spec", "model_output", "t", "x_t"] + (["corrector"] if op_name == "unipc_step" else []) + [
         "previous_x0", "schedule"]
@@ -331,3 +333,23 @@ def test_unipc_settings_are_checked_when_made():
     with pytest.raises(ValueError, match="variant"):
         UniPC(variant="bh3")
     assert UniPC(disable_corrector=[2, 1]) == UniPC(disable_corrector=frozenset({1, 2}))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dpmpp_step_refuses_a_solver_it_cannot_run(backend):
+    from fastddpm.reference import DPMSolver
+    from fastddpm.step import StepSpec
+
+    third = DPMSolver(orders=(1, 2, 3, 3, 3, 3, 3, 3, 2, 1))
+    with pytest.raises(ValueError, match="older_x0"):
+        _multistep_call("dpmpp_2m_step", backend, solver=third)
+    with pytest.raises(ValueError, match="solver.sde"):
+        _multistep_call("dpmpp_2m_step", backend, solver=DPMSolver(sde=True))
+    with pytest.raises(TypeError, match="solver must be a fastddpm.reference.DPMSolver"):
+        _multistep_call("dpmpp_2m_step", backend, solver="3m")
+    with pytest.raises(ValueError, match="give either noise"):  # the SDE variant needs its noise
+        _multistep_call("dpmpp_2m_step", backend, spec=StepSpec("dpmpp_2m_sde", "epsilon", "fixed_small", 1.0))
+    with pytest.raises(ValueError, match="orders must hold 1, 2 or 3"):
+        DPMSolver(orders=(1, 4))
+    with pytest.raises(ValueError, match="SDE variant is of order 1 or 2"):
+        DPMSolver(sde=True, orders=(1, 2, 3))

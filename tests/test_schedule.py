@@ -142,8 +142,11 @@ def per_element_tables(betas):
     h = [math.inf] + [lam[t - 1] - lam[t] for t in range(1, len(lam))]
     rows["dpmpp_sigma_ratio"] = [math.sqrt((1.0 - prev) / (1.0 - ab))
                                  for ab, prev in zip(rows["alphas_cumprod"], rows["alphas_cumprod_prev"])]
-    rows["dpmpp_data_coef"] = [math.sqrt(prev) * -math.expm1(-h_t) for prev, h_t in zip(rows["alphas_cumprod_prev"], h)]
-    rows["dpmpp_diff_coef"] = [0.0] + [h[t] / (2.0 * h[t + 1]) for t in range(1, len(h) - 1)] + [0.0]
+    data = [math.sqrt(prev) * -math.expm1(-h_t) for prev, h_t in zip(rows["alphas_cumprod_prev"], h)]
+    diff = [0.0] + [h[t] / (2.0 * h[t + 1]) for t in range(1, len(h) - 1)] + [0.0]  # 1 / (2 r)
+    # x_{t-1} = ratio x_t + data (D0 + diff (D0 - D0_prev)): D0's and D0_prev's coefficients
+    rows["dpmpp_x0_coef"] = [d * (1.0 + c) for d, c in zip(data, diff)]
+    rows["dpmpp_prev_coef"] = [-d * c for d, c in zip(data, diff)]
     return {name: torch.tensor(values, dtype=torch.float64) for name, values in rows.items()}
 
 

@@ -1042,13 +1042,16 @@ FUSED_DPM = [dict(prediction_type="sample", timestep_spacing="trailing"),
              dict(use_karras_sigmas=True, prediction_type="v_prediction", beta_schedule="scaled_linear",
                   timestep_spacing="trailing"),
              # the last step lands on sigma_min, first order as diffusers' below 15 steps
-             dict(final_sigmas_type="sigma_min"), dict(final_sigmas_type="sigma_min", use_karras_sigmas=True)]
+             dict(final_sigmas_type="sigma_min"), dict(final_sigmas_type="sigma_min", use_karras_sigmas=True),
+             # each step of the order diffusers gives it (issue 23): 3M, first order throughout, and a
+             # second-order last step onto sigma_min
+             dict(solver_order=3), dict(solver_order=3, prediction_type="v_prediction", use_karras_sigmas=True),
+             dict(solver_order=3, lower_order_final=False, final_sigmas_type="sigma_min"),
+             dict(solver_order=1), dict(final_sigmas_type="sigma_min", lower_order_final=False)]
 PARENT_DPM = [dict(use_lu_lambdas=True),
               dict(algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min"),
               dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"),
-              dict(solver_order=3),
-              dict(solver_order=1), dict(solver_type="heun"),
-              dict(final_sigmas_type="sigma_min", lower_order_final=False),  # a second-order last step
+              dict(solver_type="heun"),
               dict(thresholding=True),
               # diffusers raises the last alpha_bar to 2**-24, above the one before: no table for the op
               dict(rescale_betas_zero_snr=True, prediction_type="v_prediction")]
@@ -1143,16 +1146,32 @@ def test_a_pipeline_diffusers_saved_with_such_a_setting_loads_runs_and_saves_thr
         "fastddpm.schedulers", "DDPMScheduler"]
 
 
-def test_dpm_sigma_min_from_15_steps_runs_the_parents_step(dpm_calls):
-    # diffusers' last step onto sigma_min is second order from 15 steps on (lower_order_final's
-    # rule): the fused chain's is first order, so the whole loop is the parent's there.
+@pytest.mark.parametrize("solver_order", [2, 3])
+@pytest.mark.parametrize("num_steps", [14, 15, 20])
+def test_dpm_orders_follow_diffusers_rule_at_every_length(dpm_calls, solver_order, num_steps):
+    """diffusers' last steps onto sigma_min are first order below 15 steps and of the solver's order
+    from 15 on (lower_order_final's rule): the fused chain gives each step diffusers' order, so the
+    whole loop is fused and matches, per step as well."""
     model = LinearModel(7)
-    config = dict(final_sigmas_type="sigma_min")
-    ours, _ = dpm_loop(fastddpm.DPMSolverMultistepScheduler(**config), model, 20)
-    theirs, _ = dpm_loop(diffusers.DPMSolverMultistepScheduler(**config), model, 20)
-    assert len(dpm_calls) == 0 and torch.equal(ours, theirs)
-    ours, _ = dpm_loop(fastddpm.DPMSolverMultistepScheduler(**config), model, 14)
-    assert len(dpm_calls) == 14  # below 15 steps: fused
+    config = dict(final_sigmas_type="sigma_min", solver_order=solver_order)
+    ours, _ = dpm_loop(fastddpm.DPMSolverMultistepScheduler(**config), model, num_steps)
+    assert len(dpm_calls) == num_steps
+    theirs, _ = dpm_loop(diffusers.DPMSolverMultistepScheduler(**config), model, num_steps)
+    assert scaled_error(ours[None], theirs[None]) <= DPM_TOLERANCE
+    _, per_step = dpm_loop(fastddpm.DPMSolverMultistepScheduler(**config), model, num_steps,
+                           per_step_reference=diffusers.DPMSolverMultistepScheduler(**config))
+    assert per_step <= DPM_TOLERANCE
+
+
+@pytest.mark.parametrize("parent_steps", [{0}, {2}, {3, 4}, {7}])
+def test_dpm_3m_parent_and_fused_steps_mix_in_one_loop(dpm_calls, parent_steps):
+    """A parent's step between fused third-order ones: the buffers take the parent's x_0s back."""
+    model = LinearModel(5)
+    config = dict(solver_order=3)
+    ours, _ = dpm_loop(fastddpm.DPMSolverMultistepScheduler(**config), model, 9, dtype_at=parent_steps)
+    theirs, _ = dpm_loop(diffusers.DPMSolverMultistepScheduler(**config), model, 9, dtype_at=parent_steps)
+    assert len(dpm_calls) == 9 - len(parent_steps)
+    assert scaled_error(ours[None], theirs[None]) <= DPM_TOLERANCE
 
 
 def _sde_loop(scheduler, model, num_steps, *, generator=None, noises=None, seed=None):
@@ -1167,7 +1186,9 @@ def _sde_loop(scheduler, model, num_steps, *, generator=None, noises=None, seed=
 
 
 @pytest.mark.parametrize("config", [dict(), dict(prediction_type="v_prediction", use_karras_sigmas=True),
-                                    dict(final_sigmas_type="sigma_min", beta_schedule="scaled_linear")], ids=str)
+                                    dict(final_sigmas_type="sigma_min", beta_schedule="scaled_linear"),
+                                    dict(solver_order=1), dict(final_sigmas_type="sigma_min", lower_order_final=False)],
+                         ids=str)
 def test_dpm_sde_variant_is_fused_and_matches_diffusers_with_its_noise(dpm_calls, config):
     """"sde-dpmsolver++" (order 2, midpoint) takes the fused step: with a generator (diffusers'
     randn_tensor where diffusers draws) and with variance_noise, diffusers' samples (measured <= 4e-7
