@@ -68,7 +68,10 @@ def main(argv=None) -> int:
                          ("sample ddim eta=0.5, CUDA graph", dict(sampler="ddim", eta=0.5,
                                                                   cuda_graph=True if cuda else False)),
                          ("sample dpmpp_2m, CUDA graph", dict(sampler="dpmpp_2m", cuda_graph=True if cuda else False)),
-                         ("sample dpmpp_2m, eager", dict(sampler="dpmpp_2m", cuda_graph=False))]:
+                         ("sample dpmpp_2m, eager", dict(sampler="dpmpp_2m", cuda_graph=False)),
+                         ("sample unipc, CUDA graph", dict(sampler="unipc", cuda_graph=True if cuda else False)),
+                         ("sample dpmpp_2m_sde, CUDA graph", dict(sampler="dpmpp_2m_sde",
+                                                                  cuda_graph=True if cuda else False))]:
         # Warm-up at both step counts: compile the kernels and, with a CUDA graph, capture and keep the
         # graph of each chain. (Run 3 warmed up 10 steps only, so its 30-step count was a first call,
         # with a capture's fixed syncs, against a replay of the kept 10-step graph: 3 against 1,
@@ -80,17 +83,20 @@ def main(argv=None) -> int:
         rows.append(dict(case=f"fastddpm.{name}", syncs_10_steps=few, syncs_30_steps=many, per_step=per_step))
 
     schedulers = [("fastddpm.DDPMScheduler", fastddpm.DDPMScheduler), ("fastddpm.DDIMScheduler", fastddpm.DDIMScheduler),
-                  ("fastddpm.DPMSolverMultistepScheduler", fastddpm.DPMSolverMultistepScheduler)]
+                  ("fastddpm.DPMSolverMultistepScheduler", fastddpm.DPMSolverMultistepScheduler),
+                  ("fastddpm.UniPCMultistepScheduler", fastddpm.UniPCMultistepScheduler)]
     try:
         import diffusers
 
         schedulers += [("diffusers.DDPMScheduler", diffusers.DDPMScheduler),
                        ("diffusers.DDIMScheduler", diffusers.DDIMScheduler),
-                       ("diffusers.DPMSolverMultistepScheduler", diffusers.DPMSolverMultistepScheduler)]
+                       ("diffusers.DPMSolverMultistepScheduler", diffusers.DPMSolverMultistepScheduler),
+                       ("diffusers.UniPCMultistepScheduler", diffusers.UniPCMultistepScheduler)]
     except ImportError:
         rows.append(dict(case="diffusers", error="not installed"))
     for name, cls in schedulers:
-        for noise in ("in-kernel", "generator"):
+        # UniPC draws no noise (its step takes no generator): one row
+        for noise in (("no",) if "UniPC" in name else ("in-kernel", "generator")):
             if noise == "in-kernel" and name.startswith("diffusers"):
                 continue
             scheduler = cls(num_train_timesteps=1000)
@@ -99,11 +105,13 @@ def main(argv=None) -> int:
             output = torch.randn(shape, device=device)
             generator = torch.Generator(device).manual_seed(0) if noise == "generator" else None
             extra = dict(eta=0.5) if "DDIM" in name else {}
+            if noise != "no":
+                extra["generator"] = generator
 
             def loop():
                 sample = x
                 for t in scheduler.timesteps[:20]:
-                    sample = scheduler.step(output, t, sample, generator=generator, **extra).prev_sample
+                    sample = scheduler.step(output, t, sample, **extra).prev_sample
                 return sample
 
             try:
