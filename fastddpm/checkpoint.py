@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checks import check_int
 from .outputs import NonFiniteError, atomic_write
 from .schedule import NoiseSchedule
 
@@ -227,8 +228,7 @@ def save_checkpoint(
         raise TypeError(f"config must be a dict, got {type(config).__name__}")
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule must be a fastddpm.NoiseSchedule, got {type(schedule).__name__}")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    step = check_int("step", step, 0)
     if model is None and ema is None:
         raise ValueError("give model and/or ema: a checkpoint without weights is useless")
     tensors: Dict[str, torch.Tensor] = {"schedule.betas": schedule.betas}

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checks import check_int
+
 __all__ = [
     "Dataset", "load_dataset", "load_digits", "toy2d", "load_image_folder", "load_array",
     "TOY2D_NAMES", "DIGITS_HELD_OUT", "IMAGE_EXTENSIONS",
@@ -110,8 +112,7 @@ def load_digits(split: str = "train", *, image_size: int = 8) -> Tuple[torch.Ten
     """
     if split not in ("train", "test", "all"):
         raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    image_size = check_int("image_size", image_size, 1)
     pixels, targets = _sklearn_digits()
     index = _digits_split_indices(split)
     images = torch.from_numpy(pixels[index].astype(np.float32)).unsqueeze(1) / 8.0 - 1.0
@@ -135,10 +136,8 @@ def toy2d(name: str, n: int = 10000, seed: int = 0) -> torch.Tensor:
     canonical = _TOY2D_ALIASES.get(name) if isinstance(name, str) else None
     if canonical is None:
         raise ValueError(f"name must be one of {TOY2D_NAMES}, got {name!r}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    n = check_int("n", n, 1)
+    seed = check_int("seed", seed, 0)
     if canonical == "moons":
         from sklearn.datasets import make_moons
 
@@ -161,8 +160,7 @@ def toy2d(name: str, n: int = 10000, seed: int = 0) -> torch.Tensor:
 # folders and arrays
 # ---------------------------------------------------------------------------------------------
 def _check_image_size(image_size) -> None:
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    image_size = check_int("image_size", image_size, 1)
 
 
 def load_image_folder(path: Union[str, os.PathLike], image_size: int = 32, *, channels: int = 3) -> torch.Tensor:

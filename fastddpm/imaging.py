@@ -12,6 +12,7 @@ from typing import Optional, Tuple, Union
 
 import numpy as np
 
+from .checks import check_int
 from .outputs import atomic_write, require_finite
 
 __all__ = ["to_numpy", "images_to_uint8", "default_scale", "make_grid", "save_image_grid", "save_samples_npz"]
@@ -73,14 +74,11 @@ def make_grid(
     count, height, width, channels = tiles.shape
     if nrow is None:
         nrow = math.ceil(math.sqrt(count))
-    if isinstance(nrow, bool) or not isinstance(nrow, int) or nrow < 1:
-        raise ValueError(f"nrow must be a positive int, got {nrow!r}")
+    nrow = check_int("nrow", nrow, 1)
     if scale is None:
         scale = default_scale(height, width)
-    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
-        raise ValueError(f"scale must be a positive int, got {scale!r}")
-    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
-        raise ValueError(f"padding must be an int >= 0, got {padding!r}")
+    scale = check_int("scale", scale, 1)
+    padding = check_int("padding", padding, 0)
     tiles = tiles.repeat(scale, axis=1).repeat(scale, axis=2)
     tile_h, tile_w = height * scale, width * scale
     columns = min(nrow, count)

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
 import torch
+
+from .checks import check_int
 from torch import nn
 
 __all__ = [
@@ -150,8 +152,7 @@ def kernel_distance(features_a, features_b, *, num_subsets: int = 10, seed: int 
     b = _as_float64_matrix(features_b, "features_b")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"features_a and features_b must have the same width, got {a.shape[1]} and {b.shape[1]}")
-    if isinstance(num_subsets, bool) or not isinstance(num_subsets, int) or num_subsets < 2:
-        raise ValueError(f"num_subsets must be an int >= 2, got {num_subsets!r}")
+    num_subsets = check_int("num_subsets", num_subsets, 2)
     if min(a.shape[0], b.shape[0]) < 2 * num_subsets:
         raise ValueError(f"num_subsets={num_subsets} needs at least {2 * num_subsets} samples in each set, got "
                          f"{a.shape[0]} and {b.shape[0]}")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .checks import check_int
 
 __all__ = ["UNet", "MLPDenoiser", "PRESETS", "create_model", "model_from_config", "count_parameters"]
 
@@ -141,8 +142,7 @@ class UNet(nn.Module):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("ch", ch), ("num_res_blocks", num_res_blocks),
                             ("image_size", image_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(name, value, 1)
         ch_mult = tuple(int(m) for m in ch_mult)
         if not ch_mult or min(ch_mult) < 1:
             raise ValueError(f"ch_mult must be a non-empty sequence of positive ints, got {ch_mult!r}")
@@ -249,8 +249,7 @@ class MLPDenoiser(nn.Module):
     ):
         super().__init__()
         for name, value in (("dim", dim), ("hidden", hidden), ("num_layers", num_layers)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(name, value, 1)
         if isinstance(temb_dim, bool) or not isinstance(temb_dim, int) or temb_dim < 4 or temb_dim % 2:
             raise ValueError(f"temb_dim must be an even int >= 4, got {temb_dim!r}")
         if not 0.0 <= dropout < 1.0:
