@@ -108,8 +108,9 @@ def _drop_in(pipe):
         return None, f"variance_type={config.variance_type!r} runs diffusers' step (not fused)"
     if name == "DPMSolverMultistepScheduler":
         if not scheduler._fused_settings():
-            return None, ("the fused DPM-Solver++ step covers algorithm_type='dpmsolver++', solver_order=2, "
-                          "solver_type='midpoint', final_sigmas_type='zero' and plain VP sigmas")
+            return None, ("the fused DPM-Solver++ step covers algorithm_type 'dpmsolver++' / 'sde-dpmsolver++', "
+                          "solver_type='midpoint', no thresholding, and the plain VP, Karras, exponential or beta "
+                          "sigmas")
         if config.variance_type is not None:
             return None, f"variance_type={config.variance_type!r} is not fused for DPMSolverMultistepScheduler here"
     return scheduler, None
