@@ -111,6 +111,9 @@ def _drop_in(pipe):
             return None, ("the fused DPM-Solver++ step covers algorithm_type 'dpmsolver++' / 'sde-dpmsolver++', "
                           "solver_type='midpoint', no thresholding, and the plain VP, Karras, exponential or beta "
                           "sigmas")
+        if config.solver_order != 2:
+            return None, (f"solver_order={config.solver_order}: the drop-in scheduler fuses it in your own loop, but "
+                          "fastddpm.sample walks DPM-Solver++(2M) (solver_order=2)")
         if config.variance_type is not None:
             return None, f"variance_type={config.variance_type!r} is not fused for DPMSolverMultistepScheduler here"
     return scheduler, None
