@@ -1,5 +1,6 @@
 """fastddpm: Denoising Diffusion Probabilistic Models with the sampling hot path in Triton."""
 import importlib
+import importlib.machinery
 import sys
 import types
 
@@ -33,7 +34,9 @@ _LAZY = {
 class _Pending(types.ModuleType):
     """Stands in ``sys.modules`` for a submodule not imported yet: the first use of one of its names
     imports it, and every later use goes to the real module (attribute reads, writes and deletes;
-    dunder look-ups, which module scanners make, answer without importing it)."""
+    dunder look-ups, which module scanners make, answer without importing it; a package's
+    ``__path__`` is found on disk, so that importing one of its submodules works and binding it
+    on the package imports the package once)."""
 
     def _real(self):
         full_name = object.__getattribute__(self, "__name__")
@@ -42,6 +45,13 @@ class _Pending(types.ModuleType):
         return importlib.import_module(full_name)
 
     def __getattr__(self, name):
+        if name == "__path__":  # a package's: where its submodules are, found without importing it
+            full_name = object.__getattribute__(self, "__name__")
+            parent, _, _ = full_name.rpartition(".")
+            spec = importlib.machinery.PathFinder.find_spec(full_name, sys.modules[parent].__path__)
+            if spec is None or spec.submodule_search_locations is None:
+                raise AttributeError(name)
+            return list(spec.submodule_search_locations)
         if name.startswith("__") and name.endswith("__"):
             raise AttributeError(name)
         return getattr(self._real(), name)
@@ -54,6 +64,40 @@ class _Pending(types.ModuleType):
 
     def __dir__(self):
         return dir(self._real())
+
+
+class _AlreadyLoaded:
+    """The loader of a submodule the real package imported already: hands the import system that
+    module instead of executing its file again (a second copy would define its classes twice)."""
+
+    def __init__(self, module):
+        self.module, self.spec = module, module.__spec__
+
+    def create_module(self, spec):
+        return self.module
+
+    def exec_module(self, module):
+        module.__spec__ = self.spec  # the import system set the stand-in spec on it: put the real one back
+
+
+class _PendingSubmodules:
+    """Meta path finder for ``import fastddpm.schedulers.<x>`` while ``fastddpm.schedulers`` is a
+    stand-in: the import system has already taken the stand-in as the parent, so the real package is
+    imported here (it imports its submodules) and the submodule it loaded is returned."""
+
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        parent = sys.modules.get(name.rpartition(".")[0])
+        if not isinstance(parent, _Pending):
+            return None
+        parent._real()
+        module = sys.modules.get(name)
+        if module is None or getattr(module, "__spec__", None) is None:
+            return None  # not one the package imports: the usual finders, on the real package's path
+        # Out of sys.modules until the import system puts it back: finding it there, it would take the
+        # module's own spec and execute the file again.
+        del sys.modules[name]
+        return importlib.machinery.ModuleSpec(name, _AlreadyLoaded(module), origin=module.__spec__.origin)
 
 
 def _register_lazily(name: str) -> None:
@@ -70,6 +114,8 @@ def _register_lazily(name: str) -> None:
 
 # Submodules registered so (diffusers looks for them in sys.modules).
 _PENDING = ("schedulers",)
+if not any(isinstance(finder, _PendingSubmodules) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _PendingSubmodules())
 for _name in _PENDING:
     _register_lazily(_name)
 del _name

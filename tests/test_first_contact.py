@@ -39,6 +39,21 @@ def test_a_saved_pipeline_loads_after_import_fastddpm_alone(tmp_path, tiny_unet)
     assert "loaded" in done.stdout
 
 
+def test_a_submodule_of_the_pending_schedulers_package_imports(tmp_path):
+    """`import fastddpm.schedulers.unipc` (or `from fastddpm.schedulers.common import ...`) after
+    `import fastddpm` alone: the stand-in hands the import system the real package's path."""
+    pytest.importorskip("diffusers")
+    done = _python(
+        "import sys, fastddpm\n"
+        "assert 'diffusers' not in sys.modules\n"
+        "import fastddpm.schedulers.unipc as unipc\n"
+        "from fastddpm.schedulers.common import HOST_DEVICE_TYPES\n"
+        "assert unipc.UniPCMultistepScheduler is fastddpm.UniPCMultistepScheduler\n"
+        "assert type(sys.modules['fastddpm.schedulers']).__name__ == 'module'\n"
+        "print('imported', HOST_DEVICE_TYPES)\n", tmp_path)
+    assert "imported" in done.stdout
+
+
 def test_the_pending_schedulers_module_forwards_writes_to_the_real_one(tmp_path):
     pytest.importorskip("diffusers")
     _python(
