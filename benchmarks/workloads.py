@@ -217,7 +217,7 @@ def _dpmpp_case(impl, shape, dtype, device, generator):
     if impl == "fastddpm":
         spec = StepSpec("dpmpp_2m", clip_range=None)
         kernels = ops.kernel_module("dpm_solver", interpret=False)
-        table, solver_table = chain.table(device, torch.float32), reference.dpmpp_table(chain, device)
+        table, solver_table = chain.table(device, torch.float32), reference.DPMSolver().table(chain, device)
         out = torch.empty_like(x_t)
         return lambda: kernels.dpmpp_2m(spec, model_output, index, x_t, previous, table, solver_table, out=out)
     fn = _compiled(reference_dpmpp_2m) if impl == "compile" else reference_dpmpp_2m

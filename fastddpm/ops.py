@@ -247,6 +247,20 @@ def _write(out: Optional[torch.Tensor], value: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _settled(out: Optional[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+    """The kernel's result in ``out`` (copied there when the kernel wrote a contiguous stand-in)."""
+    if out is not None and target is not out:
+        out.copy_(target)
+        return out
+    return target
+
+
+def _check_chain_index(t_index: torch.Tensor, op: str) -> None:
+    """A multistep solver steps one chain index at a time (its buffers are the batch's)."""
+    if t_index.ndim != 0:
+        raise ValueError(f"t must be one chain index (a scalar) for {op}, got shape {tuple(t_index.shape)}")
+
+
 def _kernel_target(out: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     """Where a kernel may write directly: ``out`` if contiguous, else a fresh buffer."""
     if out is not None and out.is_contiguous():
@@ -299,7 +313,7 @@ def q_sample(
         **_noise_scalars(noise is None, seed, noise_offset, index_base, x0.device),
         out=target, noise_out=noise_out,
     )
-    x_t = target if target is out or out is None else _write(out, target)
+    x_t = _settled(out, target)
     if return_noise:
         return x_t, noise.to(x0.dtype) if noise is not None else noise_out
     return x_t
@@ -375,13 +389,7 @@ def step(
         **_noise_scalars(noise is None and spec.adds_noise, seed, noise_offset, index_base, x_t.device),
         out=target, pred_x0_out=x0_target,
     )
-    if out is not None and target is not out:
-        out.copy_(target)
-        target = out
-    if pred_x0_out is not None and x0_target is not pred_x0_out:
-        pred_x0_out.copy_(x0_target)
-        x0_target = pred_x0_out
-    return target, x0_target
+    return _settled(out, target), (_settled(pred_x0_out, x0_target) if x0_target is not None else None)
 
 
 def _check_state(name: str, value, x_t: torch.Tensor) -> None:
@@ -440,8 +448,7 @@ def dpmpp_2m_step(
         raise ValueError("older_x0 (the x_0 two steps back) is needed by a solver with third-order steps")
     if older_x0 is not None:
         _check_state("older_x0", older_x0, x_t)
-    if t_index.ndim != 0:
-        raise ValueError(f"t must be one chain index (a scalar) for dpmpp_2m_step, got shape {tuple(t_index.shape)}")
+    _check_chain_index(t_index, "dpmpp_2m_step")
     _check_noise(noise, x_t, seed, noise_offset, index_base, needed=spec.adds_noise)
     _check_out("out", out, x_t)
     chosen = resolve_backend(backend, x_t.device, x_t.dtype)
@@ -462,10 +469,7 @@ def dpmpp_2m_step(
                      noise=noise.contiguous() if noise is not None else None,
                      **_noise_scalars(noise is None and spec.adds_noise, seed, noise_offset, index_base, x_t.device),
                      out=target)
-    if out is not None and target is not out:
-        out.copy_(target)
-        target = out
-    return target
+    return _settled(out, target)
 
 
 def unipc_step(
@@ -496,8 +500,7 @@ def unipc_step(
     schedule, t_index = _check_step_args(spec, model_output, t, x_t, schedule)
     _check_state("corrector", corrector, x_t)
     _check_state("previous_x0", previous_x0, x_t)
-    if t_index.ndim != 0:
-        raise ValueError(f"t must be one chain index (a scalar) for unipc_step, got shape {tuple(t_index.shape)}")
+    _check_chain_index(t_index, "unipc_step")
     _check_out("out", out, x_t)
     chosen = resolve_backend(backend, x_t.device, x_t.dtype)
     if chosen == "reference":
@@ -511,10 +514,7 @@ def unipc_step(
     target = _kernel_target(out, x_t)
     kernels.unipc(spec, model_output.contiguous(), t_index, x_t.contiguous(), corrector, previous_x0,
                   schedule.table(x_t.device, torch.float32), solver.table(schedule, x_t.device), out=target)
-    if out is not None and target is not out:
-        out.copy_(target)
-        target = out
-    return target
+    return _settled(out, target)
 
 
 def ddpm_step(

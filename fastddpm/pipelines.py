@@ -237,10 +237,10 @@ class AcceleratedPipeline:
             return scheduler._shared, None
         if scheduler._chain is None:
             return None, "timesteps that repeat (not fused)"
-        chain = scheduler._chain
-        solver = scheduler._solver
-        if any(solver.order_at(i, chain.num_timesteps) != (1 if i in (0, chain.num_timesteps - 1) else 2)
-               for i in range(chain.num_timesteps)):
+        chain, solver = scheduler._chain, scheduler._solver
+        walked = type(solver)(sde=solver.sde)  # the orders fastddpm.sample's dpmpp_2m steps with
+        steps = chain.num_timesteps
+        if any(solver.order_at(i, steps) != walked.order_at(i, steps) for i in range(steps)):
             return None, ("steps of other orders than DPM-Solver++(2M)'s (solver_order 1 or 3, or a second-order "
                           "last step onto sigma_min): the drop-in scheduler fuses them, fastddpm.sample walks 2M")
         return chain, None

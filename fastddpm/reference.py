@@ -297,6 +297,19 @@ def step(
 # ---------------------------------------------------------------------------------------------
 # DPM-Solver++(2M) (Lu et al. 2022), data prediction, midpoint form; and its SDE variant
 # ---------------------------------------------------------------------------------------------
+def _solver_column(table: torch.Tensor, t, device) -> Tuple[torch.Tensor, ...]:
+    """A solver's coefficients at chain index ``t`` (an int or a one-element tensor): one scalar
+    tensor per row of its packed ``table``, gathered on the device (index_select, never a host read)."""
+    index = t.to(device=device, dtype=torch.int64).reshape(1) if isinstance(t, torch.Tensor) else torch.tensor(
+        [int(t)], device=device)
+    return tuple(table.index_select(1, index).reshape(table.shape[0]))
+
+
+def _half_log_snr(alpha_bar: torch.Tensor) -> torch.Tensor:
+    """lambda = log(alpha / sigma) = (log alpha_bar - log(1 - alpha_bar)) / 2 (+inf at alpha_bar = 1)."""
+    return 0.5 * (alpha_bar.log() - torch.log1p(-alpha_bar))
+
+
 # Per chain index i: x_{i-1} = ratio x_i + c0 D0 + c1 D0_prev + c2 D0_prev2 + noise z.
 DPMPP_ROWS = ("dpmpp_sigma_ratio", "dpmpp_x0_coef", "dpmpp_prev_coef", "dpmpp_prev2_coef", "dpmpp_noise_coef")
 
@@ -356,9 +369,7 @@ class DPMSolver:
     def _derive(self, schedule: NoiseSchedule) -> Dict[str, torch.Tensor]:
         ab, prev = schedule.alphas_cumprod, schedule.alphas_cumprod_prev
         n = len(ab)
-        lambdas = 0.5 * (ab.log() - torch.log1p(-ab))
-        lambdas_prev = 0.5 * (prev.log() - torch.log1p(-prev))
-        h = lambdas_prev - lambdas  # +inf at index 0 when alpha_bar_{-1} = 1
+        h = _half_log_snr(prev) - _half_log_snr(ab)  # +inf at index 0 when alpha_bar_{-1} = 1
         alpha_prev = prev.sqrt()
         ratio = ((1.0 - prev) / (1.0 - ab)).sqrt()
         if self.sde:
@@ -391,11 +402,6 @@ def dpmpp_coefficients(schedule: NoiseSchedule, sde: bool = False) -> Dict[str, 
     return DPMSolver(sde=bool(sde)).coefficients(schedule)
 
 
-def dpmpp_table(schedule: NoiseSchedule, device, sde: bool = False, dtype=torch.float32) -> torch.Tensor:
-    """:func:`dpmpp_coefficients` packed for the kernel."""
-    return DPMSolver(sde=bool(sde)).table(schedule, device, dtype)
-
-
 def dpmpp_2m_step(
     spec: StepSpec,
     model_output: torch.Tensor,
@@ -422,10 +428,7 @@ def dpmpp_2m_step(
     x = x_t.to(dtype)
     mean_output, _ = _split_model_output(model_output, x_t, spec.variance_type)
     d0 = predict_x0(mean_output.to(dtype), t, x, schedule, spec.prediction_type, spec.clip_range)
-    table = solver.table(schedule, x.device, dtype)
-    index = t.to(device=x.device, dtype=torch.int64).reshape(1) if isinstance(t, torch.Tensor) else torch.tensor(
-        [int(t)], device=x.device)
-    ratio, c0, c1, c2, noise_coef = table.index_select(1, index).reshape(len(DPMPP_ROWS))
+    ratio, c0, c1, c2, noise_coef = _solver_column(solver.table(schedule, x.device, dtype), t, x.device)
     x_prev = ratio * x + c0 * d0 + c1 * previous_x0.to(dtype)
     if older_x0 is not None:
         x_prev = x_prev + c2 * older_x0.to(dtype)
@@ -495,7 +498,7 @@ class UniPC:
         levels = torch.cat([schedule.alphas_cumprod.flip(0),
                             torch.tensor([schedule.final_alpha_cumprod], dtype=torch.float64)])
         alpha, sigma = levels.sqrt(), (1.0 - levels).sqrt()
-        lam = 0.5 * (levels.log() - torch.log1p(-levels))  # +inf where alpha_bar = 1
+        lam = _half_log_snr(levels)  # +inf where alpha_bar = 1
         rows = {name: torch.zeros(n, dtype=torch.float64) for name in UNIPC_ROWS}
         u, g = torch.zeros(n + 1, dtype=torch.float64), torch.zeros(n + 1, dtype=torch.float64)
         u[0] = 1.0
@@ -551,10 +554,7 @@ def unipc_step(
     x = x_t.to(dtype)
     mean_output, _ = _split_model_output(model_output, x_t, spec.variance_type)
     m = predict_x0(mean_output.to(dtype), t, x, schedule, spec.prediction_type, spec.clip_range)
-    table = solver.table(schedule, x.device, dtype)
-    t = t.to(device=x.device, dtype=torch.int64).reshape(1) if isinstance(t, torch.Tensor) else torch.tensor(
-        [int(t)], device=x.device)
-    u, g, a, b, c, ca, cb, cc = table.index_select(1, t).reshape(len(UNIPC_ROWS))
+    u, g, a, b, c, ca, cb, cc = _solver_column(solver.table(schedule, x.device, dtype), t, x.device)
     m_prev = previous_x0.to(dtype)
     xc = u * x + corrector.to(dtype) + g * m
     x_prev = a * xc + b * m + c * m_prev

@@ -525,7 +525,7 @@ def test_dpmpp_2m_kernel_matches_the_reference(dtype, shape, variance_type, pred
                                                              as64(previous), schedule)
         out = poisoned(x_t)
         t = torch.tensor(index, dtype=torch.int64, device=KERNEL_DEVICE)
-        kernels.dpmpp_2m(spec, model_output, t, x_t, previous, table, reference.dpmpp_table(schedule, KERNEL_DEVICE),
+        kernels.dpmpp_2m(spec, model_output, t, x_t, previous, table, reference.DPMSolver().table(schedule, KERNEL_DEVICE),
                          out=out)
         scale = amplification * error_scale(torch.tensor(index), schedule, x_t, model_output, previous)
         what = f"dpmpp_2m {shape} {dtype} {prediction_type}/{variance_type} index {index}"
@@ -578,7 +578,7 @@ def test_dpmpp_2m_sde_kernel_matches_the_reference(dtype, shape, given_noise):
     spec = StepSpec("dpmpp_2m_sde", "epsilon", "fixed_small", clip_range=1.0)
     schedule = RESPACED
     kernels = ops.kernel_module("dpm_solver", interpret=KERNEL_BACKEND == "interpret")
-    table, solver_table = schedule.table(KERNEL_DEVICE, torch.float32), reference.dpmpp_table(schedule, KERNEL_DEVICE, True)
+    table, solver_table = schedule.table(KERNEL_DEVICE, torch.float32), reference.DPMSolver(sde=True).table(schedule, KERNEL_DEVICE)
     rows = reference.dpmpp_coefficients(schedule, sde=True)
     amplification = 1 + sum(row.abs().max().item() for row in rows.values()) + 4 * rows["dpmpp_noise_coef"].max().item()
     for index in range(schedule.num_timesteps):

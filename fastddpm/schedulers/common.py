@@ -361,11 +361,18 @@ class _SolverChain:
         final = 1.0 / (1.0 + float(self.sigmas[-1]) ** 2)
         return self._sigma_chain(final) if sigma_chain else self._trained.respace(ascending, final_alpha_cumprod=final)
 
-    def _place_chain(self, chain: NoiseSchedule) -> None:
-        """After ``set_timesteps(device=...)``: the chain's table and the index tensors on that device
-        now, so that no step copies anything."""
+    def _unfused_sigmas(self) -> bool:
+        """Whether the config asks for a sigma schedule the fused step does not take (Lu lambdas,
+        flow sigmas; a setting the parent class lacks counts as off)."""
+        return any(getattr(self.config, name, False) for name in DPM_SIGMA_SCHEDULES
+                   if name not in DPM_FUSED_SIGMA_SCHEDULES)
+
+    def _place_chain(self, chain: NoiseSchedule, solver) -> None:
+        """After ``set_timesteps(device=...)``: the chain's table, the solver's coefficient table and
+        the index tensors on that device now, so that no step copies anything."""
         if _off_host(self.timesteps.device):
             chain.table(self.timesteps.device, torch.float32)
+            solver.table(chain, self.timesteps.device)
             self._index_on(0, self.timesteps.device)
 
     def _init_step_index(self, timestep) -> None:

@@ -12,8 +12,8 @@ from .. import ops
 from ..schedule import NoiseSchedule
 from ..reference import DPMSolver
 from ..step import StepSpec
-from .common import (DPM_FUSED_SIGMA_SCHEDULES, DPM_SIGMA_SCHEDULES, LEARNED_VARIANCE_TYPES, PREDICTION_TYPES, _check_tensors,
-                     _fusable_tensors, _FusedSteps, _init_of, _off_host, _SolverChain, diffusers, randn_tensor)
+from .common import (LEARNED_VARIANCE_TYPES, PREDICTION_TYPES, _check_tensors, _fusable_tensors, _FusedSteps,
+                     _init_of, _SolverChain, diffusers, randn_tensor)
 
 
 
@@ -80,8 +80,7 @@ class DPMSolverMultistepScheduler(_SolverChain, _FusedSteps, diffusers.DPMSolver
                 and config.solver_order in ((1, 2) if config.algorithm_type.startswith("sde") else (1, 2, 3))
                 and config.solver_type == "midpoint" and config.final_sigmas_type in ("zero", "sigma_min")
                 and not config.thresholding and config.prediction_type in PREDICTION_TYPES
-                and not any(getattr(config, name, False) for name in DPM_SIGMA_SCHEDULES
-                            if name not in DPM_FUSED_SIGMA_SCHEDULES))
+                and not self._unfused_sigmas())
 
     def fused_sampler(self) -> str:
         """The fastddpm sampler (and update rule) of the fused step: "dpmpp_2m", or "dpmpp_2m_sde" for
@@ -121,9 +120,7 @@ class DPMSolverMultistepScheduler(_SolverChain, _FusedSteps, diffusers.DPMSolver
         if self._chain is not None:
             self._spec = StepSpec(self.fused_sampler(), self.config.prediction_type, "fixed_small", None)
             self._solver = DPMSolver(sde=self._spec.adds_noise, orders=self._orders(len(values)))
-            self._place_chain(self._chain)
-            if _off_host(self.timesteps.device):
-                self._solver.table(self._chain, self.timesteps.device)
+            self._place_chain(self._chain, self._solver)
 
     def _buffers(self, sample: torch.Tensor, order: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The device buffers the op reads D0_prev (and D0_prev2) from and writes D0 (and D0_prev)

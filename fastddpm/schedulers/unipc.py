@@ -12,11 +12,7 @@ from .. import ops
 from ..reference import UniPC
 from ..schedule import NoiseSchedule
 from ..step import StepSpec
-from .common import (DPM_FUSED_SIGMA_SCHEDULES, DPM_SIGMA_SCHEDULES, PREDICTION_TYPES, _check_tensors, _FusedSteps,
-                     _fusable_tensors, _init_of, _SolverChain, diffusers)
-
-# The sigma schedules diffusers' UniPC offers, and those the fused step takes (as DPM-Solver++'s).
-UNIPC_SIGMA_SCHEDULES = tuple(name for name in DPM_SIGMA_SCHEDULES if name != "use_lu_lambdas")
+from .common import PREDICTION_TYPES, _check_tensors, _fusable_tensors, _FusedSteps, _init_of, _SolverChain, diffusers
 
 
 def _unipc(spec: StepSpec, model_output: torch.Tensor, index: torch.Tensor, x: torch.Tensor, corrector: torch.Tensor,
@@ -71,8 +67,7 @@ class UniPCMultistepScheduler(_SolverChain, _FusedSteps, diffusers.UniPCMultiste
         return (self._trained is not None and config.predict_x0 and config.solver_type in ("bh1", "bh2")
                 and config.solver_order in (1, 2) and self.solver_p is None and not config.thresholding
                 and config.prediction_type in PREDICTION_TYPES and not config.use_dynamic_shifting
-                and not any(getattr(config, name, False) for name in UNIPC_SIGMA_SCHEDULES
-                            if name not in DPM_FUSED_SIGMA_SCHEDULES))
+                and not self._unfused_sigmas())
 
     def _last_step_defined(self, num_steps: int) -> bool:
         """Whether diffusers' last step gives numbers (the fused one always does): onto sigma 0 only
@@ -97,9 +92,7 @@ class UniPCMultistepScheduler(_SolverChain, _FusedSteps, diffusers.UniPCMultiste
             self._solver = UniPC(order=config.solver_order, variant=config.solver_type,
                                  lower_order_final=config.lower_order_final,
                                  disable_corrector=frozenset(config.disable_corrector or ()))
-            self._place_chain(self._chain)
-            if self.timesteps.device.type != "cpu":
-                self._solver.table(self._chain, self.timesteps.device)
+            self._place_chain(self._chain, self._solver)
 
     def _state(self, sample: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The corrector part and last x_0 buffers in the sample's shape, dtype and device (zeros at
