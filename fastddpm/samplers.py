@@ -125,8 +125,8 @@ def takes_eta_samplers():
 
 # The one default of fastddpm.sample, `fastddpm sample` and `fastddpm eval`: UniPC at its default 20
 # steps. On the shipped model (1000 samples x 5 seeds, paired) it ties DPM-Solver++(2M) at 20 steps and
-# beats it at 5 and 10, at the same cost a step (one model call; the step itself is ~1 % of it on the
-# CPU): the best quality per second at every budget measured (docs/evaluation.md, "Quality against
+# beats it at 5 and 10, at the same time a call (one model call a step; benchmarks/sampler_cost.py):
+# the best quality per second at every budget up to 20 steps (docs/evaluation.md, "Quality against
 # step count").
 DEFAULT_SAMPLER = "unipc"
 
